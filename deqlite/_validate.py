@@ -1,0 +1,74 @@
+"""Argument checks shared by the package: every error says what was wrong and what to do.
+
+Options are keyword-only and validated; an unknown option is an error, never silently ignored
+(TorchDEQ's habit of dropping mistyped keyword arguments is what we are avoiding here).
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """A ' Did you mean 'x'?' suffix when `name` is close to one of `valid`, else ''."""
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def lookup(registry: Mapping[str, Any], name: str, what: str) -> Any:
+    """`registry[name]`, or a ValueError listing the valid names."""
+    if not isinstance(name, str) or name not in registry:
+        valid = ", ".join(repr(k) for k in registry)
+        hint = did_you_mean(name, registry) if isinstance(name, str) else ""
+        raise ValueError(f"unknown {what} {name!r}; choose one of {valid}.{hint}")
+    return registry[name]
+
+
+def keyword_options(fn: Callable) -> list[str]:
+    """The keyword-only parameters of `fn` (the options a solver accepts)."""
+    return [p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def check_options(fn: Callable, options: Mapping[str, Any], what: str) -> None:
+    """Raise TypeError naming every option in `options` that `fn` does not take."""
+    valid = keyword_options(fn)
+    for key in options:
+        if key not in valid:
+            raise TypeError(f"{what} got an unknown option {key!r}.{did_you_mean(key, valid)} "
+                            f"Valid options: {', '.join(valid)}.")
+
+
+def check_tensor(t: Any, name: str, *, min_dim: int = 1) -> None:
+    """A floating-point tensor with a batch dimension and only finite values."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} has dtype {t.dtype}, but DEQs need floating-point tensors: "
+                        f"convert it with {name}.float() (or .double() for gradient checks).")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; it needs a leading batch dimension "
+                         f"(shape (batch, ...)). For a single sample use {name}.unsqueeze(0).")
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"{name} contains {bad} NaN/inf value(s); clean or normalize the input "
+                         f"before the equilibrium solve.")
+
+
+def check_range(value: Any, name: str, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, integer: bool = False) -> None:
+    """`value` is a number in [low, high] (or (low, high] with low_open)."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, "
+                        f"got {value!r}.")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must lie in {bracket}{lo}, {hi}], got {value!r}.")

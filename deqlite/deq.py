@@ -1,0 +1,164 @@
+"""`DEQ`: a cell, a solver and a gradient rule, as one ``nn.Module``.
+
+Forward (no graph kept):      z* = f(z*, x),  found by a fixed-point solver from z0.
+
+Backward, ``backward="ift"`` (implicit function theorem; Bai, Kolter, Koltun 2019).
+Differentiating z* = f(z*, x) gives dz*/dθ = (I − J)⁻¹ ∂f/∂θ with J = ∂f/∂z at z*. For a loss ℓ,
+
+    ∂ℓ/∂θ = gᵀ ∂f(z*, x)/∂θ,   where the adjoint g solves   g = Jᵀ g + ∂ℓ/∂z*,
+
+itself a fixed point, solved with any of the solvers using vector–Jacobian products (Jᵀ g is
+one ``autograd.grad`` call). Memory is that of a single application of f, whatever the number of
+iterations. In code: after the solve we apply f once more with a graph, z = f(z*, x), and a hook
+on z replaces the incoming gradient ∂ℓ/∂z* by g; autograd then computes gᵀ ∂f/∂θ and gᵀ ∂f/∂x.
+
+Backward, ``backward="unrolled"``: the solver runs with autograd recording every iteration, and
+backpropagation goes through all of them (memory grows with the number of iterations). It is
+here to compare against.
+
+After each call, ``deq.forward_stats`` holds the forward solve's ``SolverStats`` and, once
+``.backward()`` has run, ``deq.backward_stats`` the adjoint solve's.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ._validate import check_options, check_range, check_tensor, lookup
+from .solvers import get_solver
+from .stats import SolverStats
+
+BACKWARDS = ("ift", "unrolled")
+ON_FAIL = ("warn", "raise", "ignore")
+
+
+class DEQConvergenceWarning(RuntimeWarning):
+    """A forward or adjoint solve stopped before every sample reached the tolerance."""
+
+
+class DEQConvergenceError(RuntimeError):
+    """Raised instead of the warning when ``on_fail="raise"``."""
+
+
+class DEQ(nn.Module):
+    """Deep equilibrium model around a cell with ``inject(x)``, ``init_state(inj)`` and
+    ``forward(z, inj)`` (see ``deqlite.cells``).
+
+    Args:
+        cell: the weight-tied, input-injected layer f.
+        solver: forward solver name (``"forward_iteration"``, ``"anderson"``, ``"broyden"``).
+        tol, max_iter, stop: the forward solve's stopping rule (see ``deqlite.solvers``).
+        solver_options: extra options of the forward solver, e.g. ``{"m": 6, "beta": 1.0}``.
+        backward: ``"ift"`` (implicit differentiation) or ``"unrolled"`` (backprop through the solver).
+        backward_solver, backward_tol, backward_max_iter, backward_solver_options: the adjoint
+            solve's settings; each defaults to the forward one's.
+        on_fail: what to do when a solve does not converge: ``"warn"`` (default), ``"raise"``,
+            ``"ignore"``. The message carries the residual trace and what to try.
+    """
+
+    def __init__(self, cell: nn.Module, *, solver: str = "anderson", tol: float = 1e-4,
+                 max_iter: int = 50, stop: str = "rel",
+                 solver_options: Optional[Mapping[str, Any]] = None, backward: str = "ift",
+                 backward_solver: Optional[str] = None, backward_tol: Optional[float] = None,
+                 backward_max_iter: Optional[int] = None,
+                 backward_solver_options: Optional[Mapping[str, Any]] = None,
+                 on_fail: str = "warn"):
+        super().__init__()
+        for method in ("inject", "init_state", "forward"):
+            if not callable(getattr(cell, method, None)):
+                raise TypeError(f"cell {type(cell).__name__} has no {method}() method; a DEQ cell needs "
+                                f"inject(x), init_state(injection) and forward(z, injection).")
+        lookup({b: b for b in BACKWARDS}, backward, "backward rule")
+        lookup({o: o for o in ON_FAIL}, on_fail, "on_fail value")
+        self.cell = cell
+        self.backward_rule, self.on_fail = backward, on_fail
+        self.forward_solve = self._solve_settings("solver", solver, tol, max_iter, stop, solver_options)
+        same = backward_solver in (None, solver)
+        self.backward_solve = self._solve_settings(
+            "backward_solver", solver if backward_solver is None else backward_solver,
+            tol if backward_tol is None else backward_tol,
+            max_iter if backward_max_iter is None else backward_max_iter, stop,
+            backward_solver_options if backward_solver_options is not None
+            else (solver_options if same else None))
+        self.forward_stats: Optional[SolverStats] = None
+        self.backward_stats: Optional[SolverStats] = None
+
+    @staticmethod
+    def _solve_settings(what, name, tol, max_iter, stop, options) -> dict:
+        """Validate one solve's settings now, so a typo fails at construction, not mid-training."""
+        fn = get_solver(name)
+        options = dict(options or {})
+        check_options(fn, options, f"{what} {name!r}")
+        for key in ("tol", "max_iter", "stop", "callback"):
+            if key in options:
+                raise TypeError(f"pass {key!r} as DEQ's own argument, not inside {what}'s options.")
+        check_range(tol, "tol", low=0)
+        check_range(max_iter, "max_iter", low=1, integer=True)
+        if stop not in ("rel", "abs"):
+            raise ValueError(f"stop must be 'rel' or 'abs', got {stop!r}.")
+        return dict(fn=fn, tol=tol, max_iter=max_iter, stop=stop, **options)
+
+    @staticmethod
+    def _run(settings: dict, f, z0):
+        opts = dict(settings)
+        return opts.pop("fn")(f, z0, **opts)
+
+    def _check(self, stats: SolverStats, which: str) -> None:
+        if stats.all_converged or self.on_fail == "ignore":
+            return
+        message = f"DEQ {which} solve did not converge.\n{stats.report()}"
+        if self.on_fail == "raise":
+            raise DEQConvergenceError(message)
+        warnings.warn(message, DEQConvergenceWarning, stacklevel=3)
+
+    def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Return the equilibrium state z* for the batch x (warm-started from z0 if given)."""
+        check_tensor(x, "x")
+        injection = self.cell.inject(x)
+        if z0 is None:
+            z0 = self.cell.init_state(injection)
+        else:
+            check_tensor(z0, "z0")
+        self.forward_stats = self.backward_stats = None
+
+        def f(z):
+            return self.cell(z, injection)
+
+        needs_grad = torch.is_grad_enabled() and injection.requires_grad
+        if needs_grad and self.backward_rule == "unrolled":
+            z, self.forward_stats = self._run(self.forward_solve, f, z0)
+            self._check(self.forward_stats, "forward")
+            return z
+
+        with torch.no_grad():
+            z_star, self.forward_stats = self._run(self.forward_solve, f, z0)
+        self._check(self.forward_stats, "forward")
+        if not needs_grad:
+            return z_star
+        return self._attach_ift(z_star, injection)
+
+    def _attach_ift(self, z_star: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
+        """z = f(z*, x) with a graph to x and θ, and a hook turning ∂ℓ/∂z into the adjoint g."""
+        z = self.cell(z_star, injection)
+        z_in = z_star.detach().requires_grad_()
+        f_in = self.cell(z_in, injection.detach())          # graph of f in z alone, for Jᵀ y
+
+        def adjoint_hook(grad: torch.Tensor) -> torch.Tensor:
+            def adjoint_map(y):                              # y ↦ Jᵀ y + ∂ℓ/∂z*
+                return torch.autograd.grad(f_in, z_in, y, retain_graph=True)[0] + grad
+            g, self.backward_stats = self._run(self.backward_solve, adjoint_map,
+                                               torch.zeros_like(grad))
+            self._check(self.backward_stats, "backward (adjoint)")
+            return g
+
+        z.register_hook(adjoint_hook)
+        return z
+
+    def extra_repr(self) -> str:
+        fwd, bwd = self.forward_solve, self.backward_solve
+        return (f"solver={fwd['fn'].__name__}, tol={fwd['tol']:g}, max_iter={fwd['max_iter']}, "
+                f"stop={fwd['stop']!r}, backward={self.backward_rule!r} "
+                f"(adjoint: {bwd['fn'].__name__}, tol={bwd['tol']:g}, max_iter={bwd['max_iter']})")

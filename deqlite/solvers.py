@@ -1,0 +1,238 @@
+"""Fixed-point solvers: find z* with z* = f(z*) for a batch of samples.
+
+Every solver has one signature,
+
+    solve(f, z0, *, tol, max_iter, stop="rel", callback=None, **options) -> (z_star, SolverStats)
+
+and the same batch conventions:
+
+* z0 has shape (batch, ...); f maps a tensor of that shape to one of the same shape.
+* Convergence is judged per sample: a sample is done when its residual (``stop="rel"``:
+  ‖f(z) − z‖ / ‖f(z)‖, ``stop="abs"``: ‖f(z) − z‖) is at most ``tol``. A sample that is done stops
+  changing; the loop ends when every sample is done or after ``max_iter`` evaluations of f.
+* The returned z is, per sample, the best iterate seen (lowest residual), so a solve that fails
+  to converge still returns its best guess. ``stats.converged`` says which samples made it.
+* f is evaluated exactly once per iteration, so ``stats.nfe`` is the number of iterations.
+
+The three methods (see each docstring for the math):
+
+* ``forward_iteration``: z ← z + τ (f(z) − z). Converges when f is a contraction.
+* ``anderson``: Anderson acceleration (Anderson 1965; Walker & Ni 2011), mixing the last m iterates.
+* ``broyden``: limited-memory "good" Broyden quasi-Newton on g(z) = f(z) − z (Broyden 1965),
+  as used in the DEQ papers (Bai, Kolter, Koltun 2019).
+
+All solvers run under autograd if the caller enables it, which is how ``DEQ(backward="unrolled")``
+backpropagates through the iterations; no tensor is modified in place.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable, Optional
+
+import torch
+
+from ._validate import check_options, check_range, check_tensor, lookup
+from .stats import EPS, SolverStats
+
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class _Tracker:
+    """Bookkeeping every solver shares: counts evaluations, records residuals, judges
+    convergence per sample and keeps the best iterate of each sample."""
+
+    def __init__(self, name: str, f, z0: torch.Tensor, tol, max_iter, stop, callback):
+        check_tensor(z0, "z0")
+        check_range(tol, "tol", low=0)
+        check_range(max_iter, "max_iter", low=1, integer=True)
+        if stop not in ("rel", "abs"):
+            raise ValueError(f"stop must be 'rel' or 'abs', got {stop!r}.")
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable as callback(iteration, abs_res, rel_res).")
+        self.name, self.f, self.tol, self.stop, self.callback = name, f, tol, stop, callback
+        self.shape = z0.shape
+        batch = z0.shape[0]
+        self.nfe = 0
+        self.abs_trace: list[torch.Tensor] = []
+        self.rel_trace: list[torch.Tensor] = []
+        self.done = torch.zeros(batch, dtype=torch.bool, device=z0.device)    # converged
+        self.failed = torch.zeros_like(self.done)                              # went non-finite
+        self.best_z = z0.flatten(1)
+        self.best_abs = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
+        self.best_rel = torch.full_like(self.best_abs, float("inf"))
+        self.start = time.perf_counter()
+
+    @property
+    def frozen(self) -> torch.Tensor:
+        """Samples that must not change any more (converged, or lost to NaN/inf)."""
+        return self.done | self.failed
+
+    def all_frozen(self) -> bool:
+        return bool(self.frozen.all())
+
+    def evaluate(self, z: torch.Tensor) -> torch.Tensor:
+        """f at the flat iterate z (batch, D): record its residual, update the per-sample
+        bookkeeping, and return f(z) flattened."""
+        fz = self.f(z.view(self.shape))
+        if not isinstance(fz, torch.Tensor) or fz.shape != self.shape:
+            got = tuple(fz.shape) if isinstance(fz, torch.Tensor) else type(fz).__name__
+            raise ValueError(f"f returned {got} for a state of shape {tuple(self.shape)}: a fixed-point "
+                             f"map must return a state of the same shape as its input.")
+        fz = fz.flatten(1)
+        self.nfe += 1
+        with torch.no_grad():
+            r_abs = (fz - z).norm(dim=1)
+            r_rel = r_abs / (fz.norm(dim=1) + EPS)
+            crit = r_rel if self.stop == "rel" else r_abs
+            best_crit = self.best_rel if self.stop == "rel" else self.best_abs
+            better = ~self.frozen & (crit < best_crit)
+            self.failed = self.failed | (~self.done & ~torch.isfinite(crit))
+            self.done = self.done | (~self.failed & (crit <= self.tol))
+        self.best_z = torch.where(better[:, None], z, self.best_z)
+        self.best_abs = torch.where(better, r_abs, self.best_abs)
+        self.best_rel = torch.where(better, r_rel, self.best_rel)
+        self.abs_trace.append(r_abs)
+        self.rel_trace.append(r_rel)
+        if self.callback is not None:
+            self.callback(self.nfe, r_abs, r_rel)
+        return fz
+
+    def finish(self) -> tuple[torch.Tensor, SolverStats]:
+        if self.best_z.is_cuda:
+            torch.cuda.synchronize(self.best_z.device)
+        stats = SolverStats(
+            solver=self.name, nfe=self.nfe,
+            abs_residuals=torch.stack(self.abs_trace), rel_residuals=torch.stack(self.rel_trace),
+            converged=self.done.clone(), final_abs=self.best_abs.detach(),
+            final_rel=self.best_rel.detach(), tol=self.tol, stop=self.stop,
+            wall_time=time.perf_counter() - self.start)
+        return self.best_z.view(self.shape), stats
+
+
+def forward_iteration(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
+                      damping: float = 1.0, callback: Optional[Callback] = None):
+    """Damped fixed-point (Picard / Krasnosel'skii–Mann) iteration
+
+        z_{k+1} = z_k + τ (f(z_k) − z_k),     τ = ``damping`` in (0, 1].
+
+    With τ = 1 this is plain iteration z ← f(z); it converges linearly, at rate ρ(J_f), when f
+    is a contraction. τ < 1 trades speed for stability on maps that oscillate.
+    """
+    check_range(damping, "damping", low=0, high=1, low_open=True)
+    tr = _Tracker("forward_iteration", f, z0, tol, max_iter, stop, callback)
+    z = z0.flatten(1)
+    fz = tr.evaluate(z)
+    while tr.nfe < max_iter and not tr.all_frozen():
+        z = torch.where(tr.frozen[:, None], z, z + damping * (fz - z))
+        fz = tr.evaluate(z)
+    return tr.finish()
+
+
+def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
+             m: int = 5, beta: float = 1.0, lam: float = 1e-4,
+             callback: Optional[Callback] = None):
+    """Anderson acceleration: extrapolate from the last m iterates.
+
+    With iterates x_i, images f_i = f(x_i) and residuals g_i = f_i − x_i (i over the last n ≤ m),
+    choose weights α that minimise the mixed residual
+
+        min_α ‖Σ_i α_i g_i‖²   subject to  Σ_i α_i = 1,
+
+    whose solution is α = H⁻¹1 / (1ᵀH⁻¹1) with H = G Gᵀ + λ s I, and step to
+
+        x_{k+1} = β Σ_i α_i f_i + (1 − β) Σ_i α_i x_i.
+
+    The regularizer is *scaled to the residuals*: s = mean_i ‖g_i‖². A fixed λ (as in the
+    original tutorial and TorchDEQ) dominates H once the residuals are small, which pulls α towards
+    uniform averaging and makes Anderson crawl exactly when it is close; scaling keeps λ a
+    relative (scale-free) amount of damping. The small n×n systems are solved in float64.
+    """
+    check_range(m, "m", low=1, integer=True)
+    check_range(beta, "beta", low=0, high=1, low_open=True)
+    check_range(lam, "lam", low=0)
+    tr = _Tracker("anderson", f, z0, tol, max_iter, stop, callback)
+    xs: deque = deque(maxlen=m)
+    fs: deque = deque(maxlen=m)
+    x = z0.flatten(1)
+    fx = tr.evaluate(x)
+    while tr.nfe < max_iter and not tr.all_frozen():
+        xs.append(x)
+        fs.append(fx)
+        X, F = torch.stack(tuple(xs), 1), torch.stack(tuple(fs), 1)         # (batch, n, D)
+        frozen = tr.frozen
+        G = torch.where(frozen[:, None, None], 0.0, F - X).double()
+        H = G @ G.transpose(1, 2)                                           # (batch, n, n)
+        eye = torch.eye(len(xs), dtype=H.dtype, device=H.device)
+        scale = H.diagonal(dim1=1, dim2=2).mean(-1) + torch.finfo(H.dtype).tiny
+        H = H + (lam * scale + torch.finfo(torch.float32).tiny)[:, None, None] * eye
+        y = torch.linalg.solve(H, torch.ones_like(H[..., 0]))                # H y = 1
+        alpha = (y / y.sum(-1, keepdim=True)).to(x.dtype)[:, None, :]       # (batch, 1, n)
+        x_new = (beta * (alpha @ F) + (1 - beta) * (alpha @ X)).squeeze(1)
+        x = torch.where(frozen[:, None], x, x_new)
+        fx = tr.evaluate(x)
+    return tr.finish()
+
+
+def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
+            memory: int = 50, callback: Optional[Callback] = None):
+    """Limited-memory "good" Broyden method for the root of g(z) = f(z) − z.
+
+    Keep an approximation B ≈ J_g⁻¹ as a low-rank correction of B₀ = −I,
+
+        B = −I + Σ_i u_i v_iᵀ,   step  z ← z − B g(z),
+
+    and after each step (Δz, Δg) apply the rank-one "good" update that makes B Δg = Δz:
+
+        B ← B + (Δz − B Δg) (Δzᵀ B) / (Δzᵀ B Δg).
+
+    At most ``memory`` pairs (u_i, v_i) are kept: when they are all used, B restarts from −I
+    (restarted Broyden). So a step costs O(memory · D) however large ``max_iter`` is. (Dropping
+    only the oldest pair instead, as the DEQ research code does, leaves the remaining pairs
+    inconsistent with each other and can blow up; restarting cannot.)
+    """
+    check_range(memory, "memory", low=1, integer=True)
+    tr = _Tracker("broyden", f, z0, tol, max_iter, stop, callback)
+    z = z0.flatten(1)
+    U = V = z.new_zeros(z.shape[0], 0, z.shape[1])      # (batch, n, D): B = −I + Uᵀ V
+
+    def B(y, U, V):                                       # B y = −y + Σ_i u_i (v_i · y)
+        return -y + (U.transpose(1, 2) @ (V @ y[..., None])).squeeze(-1)
+
+    g = tr.evaluate(z) - z
+    Bg = -g
+    while tr.nfe < max_iter and not tr.all_frozen():
+        frozen = tr.frozen[:, None]
+        z_new = torch.where(frozen, z, z - Bg)
+        g_new = tr.evaluate(z_new) - z_new
+        dz, Bg_new = z_new - z, B(g_new, U, V)
+        B_dg = Bg_new - Bg                                # B Δg, by linearity
+        dzT_B = B(dz, V, U)                               # Bᵀ Δz = (Δzᵀ B)ᵀ
+        denom = (dzT_B * (g_new - g)).sum(-1, keepdim=True)
+        ok = ~frozen & (denom.abs() > torch.finfo(z.dtype).tiny) & torch.isfinite(denom)
+        u = torch.where(ok, (dz - B_dg) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
+        v = torch.where(ok, dzT_B, 0.0)
+        if U.shape[1] == memory:                          # memory full: restart from B = −I
+            U = V = z.new_zeros(z.shape[0], 0, z.shape[1])
+            Bg_new = -g_new
+        else:                                             # updated B times g_new, in O(D)
+            Bg_new = Bg_new + u * (v * g_new).sum(-1, keepdim=True)
+        U, V = torch.cat([U, u[:, None]], 1), torch.cat([V, v[:, None]], 1)
+        z, g, Bg = z_new, g_new, Bg_new
+    return tr.finish()
+
+
+SOLVERS = {"forward_iteration": forward_iteration, "anderson": anderson, "broyden": broyden}
+
+
+def get_solver(name: str):
+    """The solver function registered under `name` (see ``SOLVERS``)."""
+    return lookup(SOLVERS, name, "solver")
+
+
+def solve(f, z0, *, solver: str = "anderson", **options):
+    """Run the solver named `solver` with validated keyword options (an unknown option is an
+    error that lists the valid ones) and return ``(z_star, stats)``."""
+    fn = get_solver(solver)
+    check_options(fn, options, f"solver {solver!r}")
+    return fn(f, z0, **options)
