@@ -146,7 +146,9 @@ class DEQ(nn.Module):
         z_in = z_star.detach().requires_grad_()
         f_in = self.cell(z_in, injection.detach())          # graph of f in z alone, for Jᵀ y
 
-        def adjoint_hook(grad: torch.Tensor) -> torch.Tensor:
+        def adjoint_hook(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            if grad is None:                                 # undefined gradient: nothing to solve
+                return None
             def adjoint_map(y):                              # y ↦ Jᵀ y + ∂ℓ/∂z*
                 return torch.autograd.grad(f_in, z_in, y, retain_graph=True)[0] + grad
             g, self.backward_stats = self._run(self.backward_solve, adjoint_map,

@@ -60,12 +60,17 @@ class SolverStats:
 
     @property
     def diverged(self) -> torch.Tensor:
-        """Per sample: not converged and the iteration went non-finite or ended no better
-        than it started (the signature of a map that is not a contraction there)."""
+        """Per sample: not converged, and the iteration went non-finite or stopped making
+        progress (the last quarter of the trace never beat the best residual before it): the
+        signature of a map that is not a contraction there, rather than of too few iterations."""
         trace = self.residuals
         blew_up = ~torch.isfinite(trace).all(dim=0)
-        no_progress = trace[-1] >= trace[0]
-        return ~self.converged & (blew_up | no_progress)
+        q = max(1, len(trace) // 4)
+        if len(trace) < 4:
+            stalled = trace[-1] >= trace[0]
+        else:
+            stalled = trace[-q:].min(dim=0).values >= trace[:-q].min(dim=0).values
+        return ~self.converged & (blew_up | stalled)
 
     def __repr__(self) -> str:
         n = self.converged.numel()

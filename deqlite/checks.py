@@ -1,0 +1,208 @@
+"""Checks for the notebooks' exercises: run the student's function on a few inputs, compare it
+with deqlite's reference, and say what is wrong in words a student can act on.
+
+Each ``check_*`` returns True and prints a one-line confirmation when the answer is right, and
+raises ``CheckFailed`` otherwise, naming the failing input, what was expected, what came back,
+and a hint about the usual mistake.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+DT = torch.float64
+
+
+class CheckFailed(AssertionError):
+    """The student's answer is not right yet; the message says why and what to look at."""
+
+
+def _call(fn: Callable, name: str, *args, **kwargs) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError:
+        raise CheckFailed(f"{name} is not written yet: replace `raise NotImplementedError` with your "
+                          f"code, run that cell again, then this check.") from None
+    except CheckFailed:
+        raise
+    except Exception as e:  # the student's own bug: show it, plus where it happened
+        raise CheckFailed(f"{name} raised {type(e).__name__}: {e}") from e
+
+
+def _compare(got: Any, expected: torch.Tensor, what: str, hint: str, *, rtol: float = 1e-6,
+             atol: float = 1e-8) -> None:
+    if not isinstance(got, torch.Tensor):
+        raise CheckFailed(f"{what}: expected a torch.Tensor, got {type(got).__name__}. {hint}")
+    if got.shape != expected.shape:
+        raise CheckFailed(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}. "
+                          f"{hint}")
+    got = got.detach().to(expected.dtype)
+    if not torch.allclose(got, expected, rtol=rtol, atol=atol):
+        err = (got - expected).abs().max().item()
+        i = (got - expected).abs().flatten().argmax().item()
+        raise CheckFailed(f"{what}: values differ (largest error {err:.2e} at flat index {i}: "
+                          f"expected {expected.flatten()[i].item():.6g}, got {got.flatten()[i].item():.6g}). "
+                          f"{hint}")
+
+
+def _passed(name: str, detail: str) -> bool:
+    print(f"✓ {name}: {detail}")
+    return True
+
+
+def _tanh_problem(seed: int, batch: int = 4, d_in: int = 3, d: int = 6, scale: float = 0.7):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, d, generator=g, dtype=DT)
+    W *= scale / torch.linalg.matrix_norm(W, ord=2)
+    U = torch.randn(d, d_in, generator=g, dtype=DT)
+    b = torch.randn(d, generator=g, dtype=DT)
+    x = torch.randn(batch, d_in, generator=g, dtype=DT)
+    return W, U, b, x
+
+
+# ---------------------------------------------------------------- notebook 01
+
+def check_weight_tied_forward(fn: Callable) -> bool:
+    """fn(W, U, b, x, n_layers) -> z after n_layers of z ← tanh(z Wᵀ + x Uᵀ + b), from z = 0."""
+    for seed, n in [(0, 1), (1, 5), (2, 30)]:
+        W, U, b, x = _tanh_problem(seed)
+        z = torch.zeros(x.shape[0], W.shape[0], dtype=DT)
+        for _ in range(n):
+            z = torch.tanh(z @ W.T + x @ U.T + b)
+        got = _call(fn, "weight_tied_forward", W, U, b, x, n)
+        _compare(got, z, f"weight_tied_forward with n_layers={n} (seed {seed})",
+                 "Start from z = 0 of shape (batch, hidden); use the *same* W, U, b in every layer "
+                 "and add the input injection x Uᵀ + b at every layer, not only the first.")
+    return _passed("weight_tied_forward", "matches the weight-tied network for 1, 5 and 30 layers")
+
+
+def check_lipschitz_bound(fn: Callable) -> bool:
+    """fn(W) -> the Lipschitz constant bound ‖W‖₂ of z ↦ tanh(W z + u)."""
+    for seed in range(3):
+        W = torch.randn(7, 7, generator=torch.Generator().manual_seed(seed), dtype=DT)
+        expected = torch.linalg.matrix_norm(W, ord=2)
+        got = _call(fn, "lipschitz_bound", W)
+        got = torch.as_tensor(got, dtype=DT)
+        _compare(got.reshape(()), expected, f"lipschitz_bound (seed {seed})",
+                 "tanh' ≤ 1, so the bound is the largest singular value of W (the spectral norm), "
+                 "not the Frobenius norm and not the largest |eigenvalue|.")
+    return _passed("lipschitz_bound", "equals the spectral norm ‖W‖₂ on 3 random matrices")
+
+
+def check_linear_fixed_point(fn: Callable) -> bool:
+    """fn(W, b) -> z* of z = z Wᵀ + b for a batch b of shape (batch, d)."""
+    for seed in range(3):
+        W, _, _, x = _tanh_problem(seed, d_in=6)
+        b = x
+        expected = torch.linalg.solve(torch.eye(6, dtype=DT) - W, b.T).T
+        got = _call(fn, "linear_fixed_point", W, b)
+        _compare(got, expected, f"linear_fixed_point (seed {seed})",
+                 "z = W z + b  ⇔  (I − W) z = b; solve that system (torch.linalg.solve) for every "
+                 "row of b — mind the transposes for a batch of row vectors.")
+    return _passed("linear_fixed_point", "(I − W)⁻¹ b on 3 random problems")
+
+
+# ---------------------------------------------------------------- notebook 02
+
+def _reference_fixed_point(W, U, b, x):
+    from .solvers import forward_iteration
+    f = lambda z: torch.tanh(z @ W.T + x @ U.T + b)  # noqa: E731
+    z, _ = forward_iteration(f, torch.zeros(x.shape[0], W.shape[0], dtype=DT), tol=1e-13,
+                             max_iter=2000)
+    return f, z
+
+
+def _check_solver(fn: Callable, name: str, hint: str, **kwargs) -> int:
+    """The student's solver must return (z, residuals) with z the fixed point; returns its steps."""
+    steps = 0
+    for seed in range(2):
+        W, U, b, x = _tanh_problem(seed, scale=0.9)
+        f, z_star = _reference_fixed_point(W, U, b, x)
+        out = _call(fn, name, f, torch.zeros_like(z_star), tol=1e-10, max_iter=500, **kwargs)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise CheckFailed(f"{name} should return a pair (z, residuals), got {type(out).__name__}.")
+        z, residuals = out
+        _compare(z, z_star, f"{name}'s fixed point (seed {seed})", hint, rtol=1e-7, atol=1e-8)
+        if len(residuals) < 2 or not float(residuals[-1]) < float(residuals[0]):
+            raise CheckFailed(f"{name}: `residuals` should list one residual per iteration, "
+                              f"decreasing overall; got {list(map(float, residuals))[:5]}...")
+        steps = max(steps, len(residuals))
+    return steps
+
+
+def check_forward_iteration(fn: Callable) -> bool:
+    """fn(f, z0, tol, max_iter) -> (z, residuals) with plain forward iteration."""
+    steps = _check_solver(fn, "forward_iteration", "Iterate z ← f(z) and stop when the relative "
+                          "residual ‖f(z) − z‖ / ‖f(z)‖ is below tol (or after max_iter steps).")
+    return _passed("forward_iteration", f"reaches the fixed point (≤ {steps} iterations)")
+
+
+def check_anderson(fn: Callable) -> bool:
+    """fn(f, z0, tol, max_iter, m) -> (z, residuals) with Anderson acceleration."""
+    hint = ("Keep the last m pairs (x_i, f(x_i)); solve for weights α with Σα = 1 minimising "
+            "‖Σ α_i (f(x_i) − x_i)‖, then step to Σ α_i f(x_i). Check the history window drops the "
+            "oldest pair once it holds m.")
+    steps = _check_solver(fn, "anderson", hint, m=5)
+    W, U, b, x = _tanh_problem(0, scale=0.9)
+    f, z_star = _reference_fixed_point(W, U, b, x)
+    _, plain = _call(fn, "anderson", f, torch.zeros_like(z_star), tol=1e-10, max_iter=500, m=1)
+    if steps >= len(plain):
+        raise CheckFailed(f"anderson with m=5 took {steps} iterations, no fewer than with m=1 "
+                          f"({len(plain)}): the history is not being used. {hint}")
+    return _passed("anderson", f"reaches the fixed point in ≤ {steps} iterations (m=1: {len(plain)})")
+
+
+def check_relative_residual(fn: Callable) -> bool:
+    """fn(z, fz) -> per-sample ‖f(z) − z‖ / ‖f(z)‖, shape (batch,)."""
+    g = torch.Generator().manual_seed(0)
+    z, fz = torch.randn(5, 3, 4, generator=g, dtype=DT), torch.randn(5, 3, 4, generator=g, dtype=DT)
+    expected = (fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1)
+    got = _call(fn, "relative_residual", z, fz)
+    _compare(got, expected, "relative_residual on a batch of shape (5, 3, 4)",
+             "One number per sample: flatten everything but the batch dimension (z.flatten(1)), "
+             "take norms along dim=1, and divide by ‖f(z)‖, not by ‖z‖.")
+    return _passed("relative_residual", "one correct value per sample")
+
+
+def check_anderson_weights(fn: Callable) -> bool:
+    """fn(G) -> α (n,) minimising ‖αᵀ G‖ subject to Σα = 1, for G of shape (n, D)."""
+    for seed, n in [(0, 2), (1, 4)]:
+        G = torch.randn(n, 10, generator=torch.Generator().manual_seed(seed), dtype=DT)
+        y = torch.linalg.solve(G @ G.T, torch.ones(n, dtype=DT))
+        expected = y / y.sum()
+        got = _call(fn, "anderson_weights", G)
+        _compare(got, expected, f"anderson_weights for n={n} (seed {seed})",
+                 "With H = G Gᵀ, the constrained minimiser is α = H⁻¹1 / (1ᵀ H⁻¹ 1); "
+                 "the weights must sum to one.", rtol=1e-6, atol=1e-9)
+    return _passed("anderson_weights", "the constrained least-squares weights, summing to 1")
+
+
+# ---------------------------------------------------------------- notebook 03
+
+def check_adjoint_solve(fn: Callable) -> bool:
+    """fn(vjp, grad, tol, max_iter) -> g solving g = Jᵀ g + grad, where vjp(y) = Jᵀ y."""
+    g_ = torch.Generator().manual_seed(0)
+    J = torch.randn(4, 6, 6, generator=g_, dtype=DT)
+    J *= 0.8 / torch.linalg.matrix_norm(J, ord=2)[:, None, None]
+    grad = torch.randn(4, 6, generator=g_, dtype=DT)
+    vjp = lambda y: (y[:, None, :] @ J).squeeze(1)  # noqa: E731  (yᵀ J, i.e. Jᵀ y, per sample)
+    expected = torch.linalg.solve(torch.eye(6, dtype=DT) - J.transpose(1, 2), grad[..., None])[..., 0]
+    got = _call(fn, "adjoint_solve", vjp, grad, tol=1e-12, max_iter=1000)
+    _compare(got, expected, "adjoint_solve on a batch of 4 random 6×6 Jacobians",
+             "Iterate g ← vjp(g) + grad (the upstream gradient is added at *every* step) until "
+             "‖g_new − g‖ is tiny; starting from g = grad or g = 0 both work.", rtol=1e-7, atol=1e-9)
+    return _passed("adjoint_solve", "g = (I − Jᵀ)⁻¹ ∂ℓ/∂z* on 4 random Jacobians")
+
+
+def check_linear_deq_grad(fn: Callable) -> bool:
+    """fn(W, b, dl_dz) -> ∂ℓ/∂b for z* = W z* + b (batch of row vectors) given ∂ℓ/∂z*."""
+    for seed in range(2):
+        W, _, _, b = _tanh_problem(seed, d_in=6, scale=0.8)
+        dl_dz = torch.randn(b.shape, generator=torch.Generator().manual_seed(seed + 10), dtype=DT)
+        expected = torch.linalg.solve(torch.eye(6, dtype=DT) - W.T, dl_dz.T).T
+        got = _call(fn, "linear_deq_grad", W, b, dl_dz)
+        _compare(got, expected, f"linear_deq_grad (seed {seed})",
+                 "z* = (I − W)⁻¹ b, so ∂ℓ/∂b = (I − W)⁻ᵀ ∂ℓ/∂z*: note the transpose — using "
+                 "(I − W)⁻¹ instead is the classic mistake.")
+    return _passed("linear_deq_grad", "∂ℓ/∂b = (I − W)⁻ᵀ ∂ℓ/∂z* on 2 problems")

@@ -1,0 +1,117 @@
+"""Plots that update in place while a solver runs, in JupyterLab, and stay as a normal static figure
+in a saved or headless notebook.
+
+How the live part works: the figure is a plain ``matplotlib.figure.Figure`` (not registered with
+pyplot, so the inline backend never shows a second copy at the end of the cell). It is shown once
+with ``IPython.display.display(fig, display_id=True)`` and then *replaced* through that display
+handle, at most every ``min_interval`` seconds, so the output area holds one image that changes
+instead of a pile of frames. Outside IPython nothing is displayed; the figure is still there to save.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Mapping, Optional
+
+import torch
+from matplotlib.figure import Figure
+
+from .stats import SolverStats
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+class LiveFigure:
+    """A figure shown once in the notebook and redrawn in place by ``update()``."""
+
+    def __init__(self, fig: Figure, *, min_interval: float = 0.25):
+        self.fig, self.min_interval = fig, min_interval
+        self._handle = None
+        self._last = 0.0
+        if _in_notebook():
+            from IPython.display import display
+            self._handle = display(fig, display_id=True)
+
+    def update(self, force: bool = False) -> None:
+        """Redraw now if ``force`` or if ``min_interval`` seconds passed since the last redraw."""
+        now = time.perf_counter()
+        if not force and now - self._last < self.min_interval:
+            return
+        self._last = now
+        if self._handle is not None:
+            self._handle.update(self.fig)
+
+    def close(self) -> None:
+        """Final redraw, so the saved notebook keeps the finished picture."""
+        self.update(force=True)
+
+
+def _residual_axes(ax, stop: str, tol: Optional[float]) -> None:
+    ax.set_yscale("log")
+    ax.set_xlabel("function evaluations (NFE)")
+    ax.set_ylabel(f"{'relative' if stop == 'rel' else 'absolute'} residual (batch max)")
+    if tol is not None and tol > 0:
+        ax.axhline(tol, color="gray", linestyle=":", linewidth=1, label=f"tol = {tol:g}")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+class LiveResidualPlot(LiveFigure):
+    """Residual vs. function evaluations, one line per solver, drawn while the solvers run.
+
+        plot = LiveResidualPlot(["anderson", "broyden"], tol=1e-4)
+        for name in ["anderson", "broyden"]:
+            solve(f, z0, solver=name, tol=1e-4, callback=plot.callback(name))
+        plot.close()
+
+    Each line shows the largest residual over the batch after each evaluation of f.
+    """
+
+    def __init__(self, labels: Iterable[str], *, stop: str = "rel", tol: Optional[float] = None,
+                 title: str = "Fixed-point solve", min_interval: float = 0.25):
+        fig = Figure(figsize=(6.5, 4))
+        self.ax = fig.add_subplot()
+        _residual_axes(self.ax, stop, tol)
+        self.ax.set_title(title)
+        self.stop = stop
+        self.lines = {label: self.ax.plot([], [], label=label, marker=".", markersize=3)[0]
+                      for label in labels}
+        self.ax.legend(loc="upper right")
+        super().__init__(fig, min_interval=min_interval)
+
+    def callback(self, label: str):
+        """A solver callback ``(iteration, abs_res, rel_res)`` that extends the line `label`."""
+        if label not in self.lines:
+            raise KeyError(f"no line {label!r}; the plot was made for {list(self.lines)}.")
+        line = self.lines[label]
+
+        def on_iteration(k: int, abs_res: torch.Tensor, rel_res: torch.Tensor) -> None:
+            res = rel_res if self.stop == "rel" else abs_res
+            line.set_data([*line.get_xdata(), k], [*line.get_ydata(), float(res.max())])
+            self.ax.relim()
+            self.ax.autoscale_view()
+            self.update()
+
+        return on_iteration
+
+
+def plot_residuals(stats: Mapping[str, SolverStats], ax=None, *, per_sample: bool = False):
+    """Static residual-vs-NFE plot of finished solves, one line per entry of `stats`
+    (the batch maximum, or every sample faintly with ``per_sample=True``). Returns the axes."""
+    if ax is None:
+        ax = Figure(figsize=(6.5, 4)).add_subplot()
+    first = next(iter(stats.values()))
+    _residual_axes(ax, first.stop, first.tol)
+    for label, st in stats.items():
+        trace = st.residuals.detach().cpu()
+        steps = torch.arange(1, st.nfe + 1)
+        line, = ax.plot(steps, trace.max(dim=1).values, label=f"{label} ({st.nfe} NFE)")
+        if per_sample:
+            ax.plot(steps, trace, color=line.get_color(), alpha=0.15, linewidth=0.8)
+    ax.legend(loc="upper right")
+    return ax
