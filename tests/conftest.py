@@ -1,0 +1,33 @@
+"""Shared test set-up: headless matplotlib, deterministic seeds, small float64 problems."""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def symmetric_tanh_problem(d=64, batch=16, top=0.97, input_scale=0.01, seed=0):
+    """f(z) = tanh(z Wᵀ + u) with symmetric W, spectrum linspace(0, top): slow for plain iteration."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DT))
+    W = (Q * torch.linspace(0, top, d, dtype=DT)) @ Q.T
+    u = input_scale * torch.randn(batch, d, generator=g, dtype=DT)
+    return (lambda z: torch.tanh(z @ W.T + u)), torch.zeros(batch, d, dtype=DT)
+
+
+def linear_problem(d=12, batch=5, norm=0.9, seed=0):
+    """f(z) = z Wᵀ + b with ‖W‖₂ = norm, and its exact fixed point (I − W)⁻¹ b per row."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, d, generator=g, dtype=DT)
+    W *= norm / torch.linalg.matrix_norm(W, ord=2)
+    b = torch.randn(batch, d, generator=g, dtype=DT)
+    z_exact = torch.linalg.solve(torch.eye(d, dtype=DT) - W, b.T).T
+    return W, b, z_exact

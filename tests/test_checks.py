@@ -1,0 +1,123 @@
+"""The exercise checks accept correct answers and reject typical wrong ones with useful feedback."""
+import pytest
+import torch
+
+from deqlite import checks
+from deqlite.checks import CheckFailed
+from deqlite.solvers import anderson
+
+
+def eye_like(W):
+    return torch.eye(W.shape[0], dtype=W.dtype)
+
+
+# ---- correct answers (what a student should write)
+
+def weight_tied_forward(W, U, b, x, n_layers, inject_every_layer=True, transpose=True):
+    z = torch.zeros(x.shape[0], W.shape[0], dtype=x.dtype)
+    for k in range(n_layers):
+        inj = x @ U.T + b if (inject_every_layer or k == 0) else 0
+        z = torch.tanh(z @ (W.T if transpose else W) + inj)
+    return z
+
+
+def forward_iteration(f, z0, tol, max_iter, off_by_one=False):
+    z, res = z0, []
+    for _ in range(max_iter):
+        fz = f(z)
+        res.append(((fz - z).norm() / fz.norm()).item())
+        z = fz
+        if res[-1] < tol:
+            break
+    return (z0 if off_by_one else z), res
+
+
+def anderson_via_deqlite(f, z0, tol, max_iter, m):
+    z, stats = anderson(f, z0, tol=tol, max_iter=max_iter, m=m)
+    return z, stats.rel_residuals.max(dim=1).values.tolist()
+
+
+def anderson_ignoring_history(f, z0, tol, max_iter, m):
+    return forward_iteration(f, z0, tol, max_iter)
+
+
+def adjoint_solve(vjp, grad, tol, max_iter, add_grad_every_step=True):
+    g = grad
+    for _ in range(max_iter):
+        g_new = vjp(g) + (grad if add_grad_every_step else 0)
+        if (g_new - g).norm() < tol:
+            return g_new
+        g = g_new
+    return g
+
+
+def anderson_weights(G, normalize=True):
+    y = torch.linalg.solve(G @ G.T, torch.ones(G.shape[0], dtype=G.dtype))
+    return y / y.sum() if normalize else y
+
+
+CASES = [
+    (checks.check_weight_tied_forward, weight_tied_forward, [
+        lambda *a: weight_tied_forward(*a, inject_every_layer=False),
+        lambda *a: weight_tied_forward(*a, transpose=False),
+        lambda W, U, b, x, n: weight_tied_forward(W, U, b, x, n + 1),
+    ]),
+    (checks.check_lipschitz_bound, lambda W: torch.linalg.matrix_norm(W, ord=2), [
+        lambda W: torch.linalg.matrix_norm(W),                      # Frobenius
+        lambda W: torch.linalg.eigvals(W).abs().max(),              # spectral radius
+    ]),
+    (checks.check_linear_fixed_point, lambda W, b: torch.linalg.solve(eye_like(W) - W, b.T).T, [
+        lambda W, b: torch.linalg.solve(eye_like(W) - W.T, b.T).T,  # missing transpose
+        lambda W, b: torch.linalg.solve(eye_like(W) + W, b.T).T,    # wrong sign
+    ]),
+    (checks.check_forward_iteration, forward_iteration, [
+        lambda f, z0, tol, max_iter: forward_iteration(f, z0, tol, max_iter, off_by_one=True),
+        lambda f, z0, tol, max_iter: forward_iteration(f, z0, tol, 3),   # ignores max_iter/tol
+    ]),
+    (checks.check_anderson, anderson_via_deqlite, [anderson_ignoring_history]),
+    (checks.check_relative_residual,
+     lambda z, fz: (fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1), [
+         lambda z, fz: (fz - z).flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1),  # wrong denominator
+         lambda z, fz: (fz - z).norm() / fz.norm(),                                 # not per sample
+     ]),
+    (checks.check_anderson_weights, anderson_weights, [
+        lambda G: anderson_weights(G, normalize=False),
+        lambda G: torch.full((G.shape[0],), 1.0 / G.shape[0], dtype=G.dtype),    # plain averaging
+    ]),
+    (checks.check_adjoint_solve, adjoint_solve, [
+        lambda vjp, grad, tol, max_iter: adjoint_solve(vjp, grad, tol, max_iter, False),
+        lambda vjp, grad, tol, max_iter: grad,                      # Jacobian-free: not the IFT
+    ]),
+    (checks.check_linear_deq_grad,
+     lambda W, b, d: torch.linalg.solve(eye_like(W) - W.T, d.T).T, [
+         lambda W, b, d: torch.linalg.solve(eye_like(W) - W, d.T).T,   # missing transpose
+         lambda W, b, d: d,                                             # forgets (I − W)⁻ᵀ
+     ]),
+]
+
+
+@pytest.mark.parametrize("check, right, wrongs", CASES, ids=[c[0].__name__ for c in CASES])
+def test_check_accepts_right_and_rejects_wrong(check, right, wrongs, capsys):
+    assert check(right) is True
+    assert "✓" in capsys.readouterr().out
+    for wrong in wrongs:
+        with pytest.raises(CheckFailed) as info:
+            check(wrong)
+        message = str(info.value)
+        assert len(message) > 40, "feedback should explain, not just fail"
+
+
+def test_unfinished_exercise_says_so():
+    def todo(*args, **kwargs):
+        raise NotImplementedError
+
+    with pytest.raises(CheckFailed, match="not written yet"):
+        checks.check_weight_tied_forward(todo)
+
+
+def test_student_exception_is_reported_with_its_message():
+    def buggy(*args):
+        raise IndexError("index 9 is out of bounds")
+
+    with pytest.raises(CheckFailed, match="IndexError: index 9"):
+        checks.check_lipschitz_bound(buggy)

@@ -1,0 +1,163 @@
+"""DEQ: the IFT gradient against long unrolled autograd and gradcheck (float64), stats, errors."""
+import warnings
+
+import pytest
+import torch
+from conftest import DT
+from torch import nn
+
+from deqlite import DEQ, SOLVERS, DEQConvergenceError, DEQConvergenceWarning, MLPCell
+
+NAMES = list(SOLVERS)
+
+
+def small_cell(d_in=5, d=8, scale=0.8, seed=0):
+    torch.manual_seed(seed)
+    return MLPCell(d_in, d, weight_scale=scale).double()
+
+
+def loss_fn(z):
+    return (z ** 2).sum() * z.sum() + z[:, 0].sin().sum()   # mixes samples and coordinates
+
+
+def unrolled_reference(cell, x, n_iter=1500):
+    """Plain autograd through n_iter explicit iterations z ← f(z, x) from z = 0."""
+    injection = cell.inject(x)
+    z = torch.zeros_like(injection)
+    for _ in range(n_iter):
+        z = cell(z, injection)
+    return z
+
+
+def grads(loss, cell, x):
+    return torch.autograd.grad(loss, [x, *cell.parameters()])
+
+
+@pytest.mark.parametrize("backward_solver", NAMES)
+def test_ift_gradient_equals_autograd_through_1500_unrolled_iterations(backward_solver):
+    cell = small_cell()
+    x = torch.randn(4, 5, dtype=DT, requires_grad=True)
+    deq = DEQ(cell, solver="anderson", tol=1e-13, max_iter=300,
+              backward_solver=backward_solver, backward_tol=1e-13, backward_max_iter=2000)
+    got = grads(loss_fn(deq(x)), cell, x)
+    ref = grads(loss_fn(unrolled_reference(cell, x)), cell, x)
+    assert deq.backward_stats is not None and deq.backward_stats.solver == backward_solver
+    for g, r, name in zip(got, ref, ["x", "W", "U", "b"]):
+        rel = ((g - r).norm() / r.norm()).item()
+        assert rel < 1e-9, f"gradient wrt {name}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("solver", NAMES)
+def test_gradcheck_float64(solver):
+    cell = small_cell(d_in=3, d=4)
+    deq = DEQ(cell, solver=solver, tol=1e-13, max_iter=500)
+    x = torch.randn(2, 3, dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: deq(x), (x,), eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_with_respect_to_the_weights():
+    cell = small_cell(d_in=3, d=4)
+    deq = DEQ(cell, solver="broyden", tol=1e-13, max_iter=500)
+    x = torch.randn(2, 3, dtype=DT)
+    W0 = cell.W.weight.detach().clone().requires_grad_()
+
+    def f(W):   # the DEQ's output as a function of its recurrent weight W
+        return torch.func.functional_call(deq, {"cell.W.weight": W}, (x,))
+
+    assert torch.autograd.gradcheck(f, (W0,), eps=1e-6, atol=1e-7)
+
+
+def test_unrolled_backward_agrees_with_ift():
+    cell = small_cell()
+    x = torch.randn(3, 5, dtype=DT, requires_grad=True)
+    ift = DEQ(cell, solver="anderson", tol=1e-13, max_iter=300)
+    unrolled = DEQ(cell, solver="anderson", tol=1e-13, max_iter=300, backward="unrolled")
+    g_ift = grads(loss_fn(ift(x)), cell, x)
+    g_unr = grads(loss_fn(unrolled(x)), cell, x)
+    assert unrolled.backward_stats is None     # no adjoint solve when unrolling
+    for a, b in zip(g_ift, g_unr):
+        assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_stats_of_both_solves_are_kept():
+    cell = small_cell()
+    deq = DEQ(cell, solver="broyden", backward_solver="forward_iteration", tol=1e-8, max_iter=300)
+    x = torch.randn(6, 5, dtype=DT, requires_grad=True)
+    z = deq(x)
+    assert deq.forward_stats.solver == "broyden" and deq.forward_stats.converged.shape == (6,)
+    assert deq.backward_stats is None
+    loss_fn(z).backward()
+    assert deq.backward_stats.solver == "forward_iteration" and deq.backward_stats.all_converged
+    assert deq.backward_stats.nfe == len(deq.backward_stats.abs_residuals)
+
+
+def test_no_graph_without_grad_and_warm_start():
+    cell = small_cell()
+    deq = DEQ(cell, tol=1e-10, max_iter=200)
+    x = torch.randn(3, 5, dtype=DT)
+    with torch.no_grad():
+        z_star = deq(x)
+    assert not z_star.requires_grad
+    cold = deq.forward_stats.nfe
+    with torch.no_grad():
+        deq(x, z0=z_star)
+    assert deq.forward_stats.nfe < cold
+
+
+def test_divergent_cell_warns_with_trace_and_advice():
+    torch.manual_seed(3)
+    cell = MLPCell(4, 16, weight_scale=4.0)
+    deq = DEQ(cell, solver="forward_iteration", max_iter=40)
+    with pytest.warns(DEQConvergenceWarning, match="(?s)did not converge.*trace.*damping"):
+        deq(torch.randn(8, 4) * 3)
+    deq_raise = DEQ(cell, solver="forward_iteration", max_iter=40, on_fail="raise")
+    with pytest.raises(DEQConvergenceError):
+        deq_raise(torch.randn(8, 4) * 3)
+    quiet = DEQ(cell, solver="forward_iteration", max_iter=40, on_fail="ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet(torch.randn(8, 4) * 3)
+
+
+def test_unconverged_backward_solve_warns():
+    cell = small_cell(scale=0.99)
+    deq = DEQ(cell, tol=1e-10, max_iter=300, backward_solver="forward_iteration",
+              backward_tol=1e-14, backward_max_iter=2)
+    z = deq(torch.randn(3, 5, dtype=DT, requires_grad=True))
+    with pytest.warns(DEQConvergenceWarning, match="backward"):
+        loss_fn(z).backward()
+
+
+def test_bad_inputs_and_options():
+    cell = MLPCell(5, 8)
+    deq = DEQ(cell)
+    with pytest.raises(TypeError, match="floating-point"):
+        deq(torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        deq(torch.full((2, 5), float("inf")))
+    with pytest.raises(ValueError, match=r"expects x of shape \(batch, 5\)"):
+        deq(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="unknown backward rule 'implicit'"):
+        DEQ(cell, backward="implicit")
+    with pytest.raises(TypeError, match="unknown option 'bta'.*Did you mean 'beta'"):
+        DEQ(cell, solver_options={"bta": 0.5})
+    with pytest.raises(TypeError, match="unknown option 'm'"):
+        DEQ(cell, backward_solver="broyden", backward_solver_options={"m": 3})
+    with pytest.raises(TypeError, match="pass 'tol' as DEQ's own argument"):
+        DEQ(cell, solver_options={"tol": 1e-3})
+    with pytest.raises(ValueError, match="unknown on_fail value"):
+        DEQ(cell, on_fail="silent")
+    with pytest.raises(TypeError, match="no inject"):
+        DEQ(nn.Linear(3, 3))
+
+
+def test_forward_solver_options_are_used():
+    cell = small_cell()
+    x = torch.randn(4, 5, dtype=DT)
+    nfe = {}
+    for m in (1, 6):
+        deq = DEQ(cell, solver="anderson", solver_options={"m": m}, tol=1e-10, max_iter=500)
+        with torch.no_grad():
+            deq(x)
+        nfe[m] = deq.forward_stats.nfe
+    assert nfe[6] < nfe[1]

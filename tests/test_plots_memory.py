@@ -1,0 +1,52 @@
+"""Live and static residual plots (checked under Agg), and the saved-tensor memory meter."""
+import pytest
+import torch
+from conftest import symmetric_tanh_problem
+
+from deqlite import DEQ, MLPCell, solve
+from deqlite.memory import saved_tensor_bytes
+from deqlite.plots import LiveResidualPlot, plot_residuals
+
+
+def test_live_residual_plot_gets_one_point_per_evaluation():
+    f, z0 = symmetric_tanh_problem(d=16, batch=4)
+    plot = LiveResidualPlot(["forward_iteration", "anderson"], tol=1e-6, min_interval=0.0)
+    nfe = {}
+    for name in plot.lines:
+        _, stats = solve(f, z0, solver=name, tol=1e-6, max_iter=500, callback=plot.callback(name))
+        nfe[name] = stats.nfe
+        assert list(plot.lines[name].get_ydata()) == pytest.approx(
+            stats.rel_residuals.max(dim=1).values.tolist())
+    plot.close()
+    for name, line in plot.lines.items():
+        assert len(line.get_xdata()) == nfe[name]
+    assert plot.ax.get_yscale() == "log"
+    assert "residual" in plot.ax.get_ylabel() and "NFE" in plot.ax.get_xlabel()
+    labels = [t.get_text() for t in plot.ax.get_legend().get_texts()]
+    assert labels == ["tol = 1e-06", "forward_iteration", "anderson"]
+    with pytest.raises(KeyError, match="broyden"):
+        plot.callback("broyden")
+
+
+def test_static_plot_has_a_line_per_solve_and_per_sample_lines():
+    f, z0 = symmetric_tanh_problem(d=16, batch=3)
+    stats = {n: solve(f, z0, solver=n, tol=1e-6, max_iter=500)[1] for n in ("anderson", "broyden")}
+    ax = plot_residuals(stats, per_sample=True)
+    # per solve: 1 max line + 3 sample lines; plus the tolerance line
+    assert len(ax.get_lines()) == 2 * (1 + 3) + 1
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith("anderson (") and "NFE" in t for t in legend)
+
+
+def test_unrolled_memory_grows_with_iterations_ift_does_not():
+    cell = MLPCell(8, 64, weight_scale=0.9)
+    x = torch.randn(32, 8)
+    memory = {}
+    for rule in ("unrolled", "ift"):
+        for n in (10, 40):
+            deq = DEQ(cell, solver="forward_iteration", tol=0.0, max_iter=n, backward=rule,
+                      on_fail="ignore")
+            _, memory[rule, n] = saved_tensor_bytes(deq, x)
+    state_bytes = 32 * 64 * 4
+    assert memory["unrolled", 40] - memory["unrolled", 10] >= 30 * state_bytes
+    assert memory["ift", 40] == memory["ift", 10] < 10 * state_bytes

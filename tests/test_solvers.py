@@ -1,0 +1,167 @@
+"""Solvers: closed forms, tolerances, per-sample convergence, stats, failure reports, bad input."""
+import pytest
+import torch
+from conftest import DT, linear_problem, symmetric_tanh_problem
+
+from deqlite.solvers import SOLVERS, anderson, broyden, forward_iteration, solve
+
+NAMES = list(SOLVERS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("stop", ["rel", "abs"])
+def test_linear_map_matches_closed_form(name, stop):
+    W, b, z_exact = linear_problem()
+    z, stats = solve(lambda z: z @ W.T + b, torch.zeros_like(b), solver=name, tol=1e-11,
+                     max_iter=2000, stop=stop)
+    assert stats.all_converged
+    assert torch.allclose(z, z_exact, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reaches_tolerance_and_reports_true_residual(name):
+    f, z0 = symmetric_tanh_problem()
+    z, stats = solve(f, z0, solver=name, tol=1e-6, max_iter=3000)
+    fz = f(z)
+    rel = (fz - z).norm(dim=1) / fz.norm(dim=1)
+    assert stats.all_converged and (rel <= 1e-6 * (1 + 1e-6)).all()
+    # the stats describe the returned z, not some other iterate
+    assert torch.allclose(stats.final_rel, rel, rtol=1e-6)
+
+
+def test_accelerated_solvers_need_a_fraction_of_forward_iterations():
+    f, z0 = symmetric_tanh_problem()
+    nfe = {name: solve(f, z0, solver=name, tol=1e-4, max_iter=3000)[1].nfe for name in NAMES}
+    assert nfe["anderson"] <= nfe["forward_iteration"] / 3
+    assert nfe["broyden"] <= nfe["forward_iteration"] / 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nfe_counts_every_call_and_traces_have_nfe_rows(name):
+    f, z0 = symmetric_tanh_problem(batch=3)
+    calls, seen = [], []
+
+    def counted(z):
+        calls.append(1)
+        return f(z)
+
+    _, stats = solve(counted, z0, solver=name, tol=1e-5, max_iter=500,
+                     callback=lambda k, a, r: seen.append((k, a.shape, r.shape)))
+    assert stats.nfe == len(calls) == len(seen)
+    assert stats.abs_residuals.shape == stats.rel_residuals.shape == (stats.nfe, 3)
+    assert [k for k, _, _ in seen] == list(range(1, stats.nfe + 1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_sample_convergence_and_converged_samples_freeze(name):
+    # Sample 0: a strong contraction (easy). Sample 1: rates up to 0.95 (hard). Nonlinear, per sample.
+    rates = torch.tensor([[0.1, 0.05, -0.1, 0.02, 0.1, 0.05],
+                          [0.95, 0.5, -0.9, 0.8, 0.3, -0.6]], dtype=DT)
+    b = torch.ones(2, 6, dtype=DT)
+    f = lambda z: rates * torch.tanh(z) + b  # noqa: E731
+    z, stats = solve(f, torch.zeros(2, 6, dtype=DT), solver=name, tol=1e-9, max_iter=2000,
+                     stop="abs")
+    assert stats.all_converged
+    assert ((f(z) - z).norm(dim=1) <= 1e-9).all()
+    trace = stats.abs_residuals
+    k_easy = int((trace[:, 0] <= 1e-9).nonzero()[0])
+    k_hard = int((trace[:, 1] <= 1e-9).nonzero()[0])
+    assert k_easy < k_hard
+    assert (trace[k_easy:, 0] == trace[k_easy, 0]).all(), "a converged sample kept changing"
+
+
+def test_anderson_regularizer_is_scale_free():
+    # With λ scaled to the residuals, Anderson on (f, z0) and on the scaled problem c·f(z/c)
+    # takes exactly the same steps: no degradation into averaging when residuals are tiny.
+    W, b, _ = linear_problem(d=30, batch=4, norm=0.95)
+    runs = {}
+    for c in (1.0, 1e-7):
+        z, stats = anderson(lambda z: z @ W.T + c * b, torch.zeros_like(b), tol=1e-10,
+                            max_iter=300, lam=1e-2)
+        runs[c] = (z, stats)
+    (z1, s1), (zc, sc) = runs[1.0], runs[1e-7]
+    assert s1.nfe == sc.nfe
+    assert torch.allclose(zc / 1e-7, z1, rtol=1e-6)
+
+
+def test_broyden_with_small_memory_still_converges():
+    W, b, z_exact = linear_problem(d=40, norm=0.95)
+    z, stats = broyden(lambda z: z @ W.T + b, torch.zeros_like(b), tol=1e-10, max_iter=3000,
+                       memory=3)
+    assert stats.all_converged and torch.allclose(z, z_exact, rtol=1e-7, atol=1e-8)
+
+
+def test_divergent_map_is_reported_not_converged_with_advice():
+    b = torch.ones(3, 5, dtype=DT)
+    z, stats = forward_iteration(lambda z: -1.5 * z + b, torch.zeros_like(b), tol=1e-6, max_iter=200)
+    assert not stats.converged.any() and stats.diverged.all()
+    report = stats.report()
+    assert "not converged" in report and "damping" in report and "trace" in report
+    # the best iterate, not the last (exploded) one, comes back
+    assert torch.isfinite(z).all()
+
+
+def test_damping_rescues_an_oscillating_map():
+    b = torch.ones(3, 5, dtype=DT)
+    z, stats = forward_iteration(lambda z: -1.5 * z + b, torch.zeros_like(b), tol=1e-10,
+                                 max_iter=500, damping=0.5, stop="abs")
+    assert stats.all_converged and torch.allclose(z, b / 2.5)
+
+
+def test_nan_from_f_stops_the_solve_and_marks_failure():
+    def f(z):
+        out = z * 0.5 + 1
+        out[1] = float("nan")
+        return out
+
+    z, stats = anderson(f, torch.zeros(2, 3, dtype=DT), tol=1e-12, max_iter=100, stop="abs")
+    assert bool(stats.converged[0]) and not bool(stats.converged[1])
+    assert stats.nfe < 100 and bool(stats.diverged[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_on_float32_and_multi_dim_states(name):
+    x = torch.randn(3, 2, 4, 4)
+    z, stats = solve(lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x), solver=name,
+                     tol=1e-5, max_iter=200)
+    assert z.shape == x.shape and z.dtype == torch.float32 and stats.all_converged
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_inputs_raise_clear_errors():
+    f = lambda z: z * 0.5  # noqa: E731
+    with pytest.raises(TypeError, match="floating-point"):
+        solve(f, torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        solve(f, torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="batch dimension"):
+        solve(f, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="same shape"):
+        solve(lambda z: z[:, :2], torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        solve(f, [[0.0]])
+
+
+def test_unknown_options_and_names_are_errors():
+    z0 = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="unknown option 'memroy'.*Did you mean 'memory'"):
+        solve(lambda z: z, z0, solver="broyden", memroy=5)
+    with pytest.raises(TypeError, match="unknown option 'm'"):
+        solve(lambda z: z, z0, solver="broyden", m=5)
+    with pytest.raises(ValueError, match="unknown solver 'andersen'.*Did you mean 'anderson'"):
+        solve(lambda z: z, z0, solver="andersen")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(solver="anderson", m=0), "m must lie"),
+    (dict(solver="anderson", beta=1.5), "beta must lie"),
+    (dict(solver="forward_iteration", damping=0.0), "damping must lie"),
+    (dict(solver="broyden", memory=2.5), "memory must be an integer"),
+    (dict(tol=-1.0), "tol must lie"),
+    (dict(max_iter=0), "max_iter must lie"),
+    (dict(stop="relative"), "stop must be 'rel' or 'abs'"),
+])
+def test_option_values_are_validated(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        solve(lambda z: z * 0.5, torch.zeros(2, 3), **kwargs)
