@@ -2,13 +2,16 @@
 in a saved or headless notebook.
 
 How the live part works: the figure is a plain ``matplotlib.figure.Figure`` (not registered with
-pyplot, so the inline backend never shows a second copy at the end of the cell). It is shown once
-with ``IPython.display.display(fig, display_id=True)`` and then *replaced* through that display
-handle, at most every ``min_interval`` seconds, so the output area holds one image that changes
-instead of a pile of frames. Outside IPython nothing is displayed; the figure is still there to save.
+pyplot, so the inline backend never shows a second copy at the end of the cell). It is rendered to
+a PNG, shown once with ``IPython.display.display(..., display_id=True)``, and then *replaced*
+through that display handle, at most every ``min_interval`` seconds, so the output area holds one
+image that changes instead of a pile of frames; the last frame is what a saved notebook keeps.
+Rendering the PNG ourselves works whatever matplotlib backend the kernel has. Outside IPython
+nothing is displayed; the figure is still there to save or inspect.
 """
 from __future__ import annotations
 
+import io
 import time
 from typing import Iterable, Mapping, Optional
 
@@ -36,7 +39,13 @@ class LiveFigure:
         self._last = 0.0
         if _in_notebook():
             from IPython.display import display
-            self._handle = display(fig, display_id=True)
+            self._handle = display(self._png(), display_id=True)
+
+    def _png(self):
+        from IPython.display import Image
+        buffer = io.BytesIO()
+        self.fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+        return Image(data=buffer.getvalue(), format="png")
 
     def update(self, force: bool = False) -> None:
         """Redraw now if ``force`` or if ``min_interval`` seconds passed since the last redraw."""
@@ -45,7 +54,7 @@ class LiveFigure:
             return
         self._last = now
         if self._handle is not None:
-            self._handle.update(self.fig)
+            self._handle.update(self._png())
 
     def close(self) -> None:
         """Final redraw, so the saved notebook keeps the finished picture."""

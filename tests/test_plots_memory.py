@@ -50,3 +50,30 @@ def test_unrolled_memory_grows_with_iterations_ift_does_not():
     state_bytes = 32 * 64 * 4
     assert memory["unrolled", 40] - memory["unrolled", 10] >= 30 * state_bytes
     assert memory["ift", 40] == memory["ift", 10] < 10 * state_bytes
+
+
+def test_live_plot_in_a_notebook_replaces_one_png_output(monkeypatch):
+    import IPython.display
+
+    from deqlite import plots
+
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(("update", obj))
+
+    def fake_display(obj, display_id=False):
+        shown.append(("display", obj))
+        return Handle()
+
+    monkeypatch.setattr(plots, "_in_notebook", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", fake_display)
+    f, z0 = symmetric_tanh_problem(d=16, batch=2)
+    plot = LiveResidualPlot(["anderson"], min_interval=3600)   # throttled: no redraw mid-solve
+    solve(f, z0, solver="anderson", tol=1e-8, max_iter=200, callback=plot.callback("anderson"))
+    plot.close()
+    kinds = [k for k, _ in shown]
+    assert kinds[0] == "display" and kinds.count("display") == 1      # one output, never a pile
+    assert 1 <= kinds.count("update") <= 2                             # throttled, final frame forced
+    assert shown[-1][1].data[:8] == b"\x89PNG\r\n\x1a\n"
