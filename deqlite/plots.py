@@ -36,7 +36,7 @@ class LiveFigure:
     def __init__(self, fig: Figure, *, min_interval: float = 0.25):
         self.fig, self.min_interval = fig, min_interval
         self._handle = None
-        self._last = 0.0
+        self._last = time.perf_counter()
         if _in_notebook():
             from IPython.display import display
             self._handle = display(self._png(), display_id=True)
