@@ -16,6 +16,11 @@ Backward, ``backward="unrolled"``: the solver runs with autograd recording every
 backpropagation goes through all of them (memory grows with the number of iterations). It is
 here to compare against.
 
+Warm-up (as the DEQ papers pretrain): with ``deq.pretrain_steps = k > 0`` the forward pass instead
+applies the cell exactly k times from z0 and backpropagates through them, a shallow weight-tied
+network (no solve, so ``forward_stats`` stays None); set it back to 0 to switch to the
+equilibrium solve.
+
 After each call, ``deq.forward_stats`` holds the forward solve's ``SolverStats`` and, once
 ``.backward()`` has run, ``deq.backward_stats`` the adjoint solve's.
 """
@@ -85,6 +90,7 @@ class DEQ(nn.Module):
             else (solver_options if same else None))
         self.forward_stats: Optional[SolverStats] = None
         self.backward_stats: Optional[SolverStats] = None
+        self.pretrain_steps = 0
 
     @staticmethod
     def _solve_settings(what, name, tol, max_iter, stop, options) -> dict:
@@ -128,6 +134,12 @@ class DEQ(nn.Module):
             return self.cell(z, injection)
 
         needs_grad = torch.is_grad_enabled() and injection.requires_grad
+        if self.pretrain_steps:     # warm-up: exactly k applications of f, backprop through them
+            check_range(self.pretrain_steps, "pretrain_steps", low=0, integer=True)
+            z = z0
+            for _ in range(self.pretrain_steps):
+                z = f(z)
+            return z
         if needs_grad and self.backward_rule == "unrolled":
             z, self.forward_stats = self._run(self.forward_solve, f, z0)
             self._check(self.forward_stats, "forward")

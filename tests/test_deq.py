@@ -161,3 +161,22 @@ def test_forward_solver_options_are_used():
             deq(x)
         nfe[m] = deq.forward_stats.nfe
     assert nfe[6] < nfe[1]
+
+
+def test_pretraining_unrolls_the_cell_exactly_k_times():
+    cell = small_cell()
+    deq = DEQ(cell, tol=1e-10)
+    x = torch.randn(3, 5, dtype=DT, requires_grad=True)
+    deq.pretrain_steps = 4
+    z = deq(x)
+    assert deq.forward_stats is None and z.requires_grad
+    inj = cell.inject(x)
+    ref = torch.zeros_like(inj)
+    for _ in range(4):
+        ref = cell(ref, inj)
+    assert torch.allclose(z, ref)
+    g, r = torch.autograd.grad(loss_fn(z), x)[0], torch.autograd.grad(loss_fn(ref), x)[0]
+    assert torch.allclose(g, r)
+    deq.pretrain_steps = 0
+    deq(x)
+    assert deq.forward_stats.nfe > 4 and deq.forward_stats.all_converged
