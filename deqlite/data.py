@@ -49,7 +49,8 @@ def _check_split(split: str) -> bool:
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, test) with the same class proportions in both, fixed by `seed`."""
+    """Indices (train, test) with the same class proportions in both, each in a fixed shuffled
+    order (so the first N examples of a split are a fair sample of every class)."""
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(labels):
@@ -57,7 +58,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) ->
         n_test = int(round(test_fraction * len(idx)))
         test.append(idx[:n_test])
         train.append(idx[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
 
 
 def _tensors(images: np.ndarray, labels: np.ndarray, shape: tuple[int, ...], scale: float) -> TensorDataset:

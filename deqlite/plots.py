@@ -124,3 +124,93 @@ def plot_residuals(stats: Mapping[str, SolverStats], ax=None, *, per_sample: boo
             ax.plot(steps, trace, color=line.get_color(), alpha=0.15, linewidth=0.8)
     ax.legend(loc="upper right")
     return ax
+
+
+class TrainingDashboard(LiveFigure):
+    """Loss, accuracy, solver effort (NFE) and residual against training steps, redrawn in place.
+
+    Feed it the training loop's records: ``trainer.fit(callback=dashboard.log)``. Train records
+    draw lines; test records (``split == "test"``) draw markers.
+    """
+
+    PANELS = (("loss", "loss", False), ("acc", "accuracy", False),
+              ("nfe", "function evaluations", False), ("residual", "final rel. residual", True))
+
+    def __init__(self, title: str = "Training", *, min_interval: float = 0.5):
+        fig = Figure(figsize=(11, 6.5))
+        axes = fig.subplots(2, 2, sharex=True)
+        self.axes = dict(zip([p[0] for p in self.PANELS], axes.flat))
+        self.series: dict[str, tuple] = {}
+        for key, label, log in self.PANELS:
+            ax = self.axes[key]
+            ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+            if log:
+                ax.set_yscale("log")
+        for ax in axes[1]:
+            ax.set_xlabel("training step")
+        fig.suptitle(title)
+        self._add("loss", "train", "loss", "-")
+        self._add("loss", "test", "loss", "o")
+        self._add("acc", "train", "acc", "-")
+        self._add("acc", "test", "acc", "o")
+        self._add("nfe", "train", "fwd_nfe", "-", label="forward")
+        self._add("nfe", "train", "bwd_nfe", "-", label="backward")
+        self._add("nfe", "test", "fwd_nfe", "o", label="forward (test)")
+        self._add("residual", "train", "residual", "-")
+        for ax in self.axes.values():
+            ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        super().__init__(fig, min_interval=min_interval)
+
+    def _add(self, panel: str, split: str, key: str, style: str, label: Optional[str] = None):
+        line, = self.axes[panel].plot([], [], style, label=label or split, markersize=4,
+                                      alpha=0.5 if (split == "train" and panel in ("loss", "acc")) else 1.0)
+        self.series[f"{panel}/{split}/{key}"] = (line, split, key)
+
+    def log(self, record: dict) -> None:
+        """Add one record of the training log and redraw (throttled)."""
+        if "step" not in record or "split" not in record:
+            return
+        for line, split, key in self.series.values():
+            value = record.get(key)
+            if record["split"] == split and value is not None:
+                line.set_data([*line.get_xdata(), record["step"]], [*line.get_ydata(), value])
+        for ax in self.axes.values():
+            ax.relim()
+            ax.autoscale_view()
+        self.update()
+
+    def points(self, panel: str, split: str, key: str) -> int:
+        """How many points one series holds (for tests and sanity checks)."""
+        return len(self.series[f"{panel}/{split}/{key}"][0].get_xdata())
+
+
+def follow(log_path, *, poll: float = 2.0, timeout: Optional[float] = None,
+           dashboard: Optional[TrainingDashboard] = None) -> TrainingDashboard:
+    """Live dashboard of a run that writes its JSONL log elsewhere (a GPU job in a terminal).
+
+    Reads new lines every `poll` seconds and stops when the run writes its ``{"event": "done"}``
+    record, or after `timeout` seconds (then call ``follow`` again to go on watching). Safe to
+    interrupt; the dashboard keeps what it has drawn.
+    """
+    from pathlib import Path
+
+    from .train import read_log
+    dashboard = dashboard or TrainingDashboard(title=f"following {log_path}")
+    start, seen = time.perf_counter(), 0
+    try:
+        while True:
+            records = read_log(log_path) if Path(log_path).exists() else []
+            for record in records[seen:]:
+                dashboard.log(record)
+            seen = len(records)
+            done = any(r.get("event") == "done" for r in records)
+            if done or (timeout is not None and time.perf_counter() - start >= timeout):
+                break
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dashboard.close()
+    return dashboard

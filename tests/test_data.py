@@ -98,3 +98,8 @@ def test_digits_and_errors():
         data.load_dataset("mnsit")
     with pytest.raises(ValueError, match="unknown split 'val'"):
         data.load_dataset("digits", "val")
+
+
+def test_first_examples_of_a_split_cover_every_class():
+    _, y = data.load_dataset("mnist5k", "train").tensors
+    assert len(torch.unique(y[:100])) == 10

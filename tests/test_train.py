@@ -1,0 +1,131 @@
+"""Training loop: it learns, logs, checkpoints atomically and resumes to the identical result."""
+import json
+
+import pytest
+import torch
+
+from deqlite import train
+from deqlite.configs import PRESETS, load_preset
+from deqlite.plots import TrainingDashboard, follow
+from deqlite.train import Trainer, TrainConfig, read_log
+
+
+def tiny_config(tmp_path, **overrides):
+    config = dict(dataset="mnist5k", limit_train=640, limit_test=300, model="deq_classifier",
+                  model_options=dict(channels=8, hidden=64,
+                                     deq=dict(solver="anderson", tol=1e-4, max_iter=40,
+                                              on_fail="ignore")),
+                  epochs=2, batch_size=32, lr=3e-3, pretrain_steps=3, pretrain_depth=3,
+                  log_path=str(tmp_path / "run.jsonl"), checkpoint_path=str(tmp_path / "run.pt"))
+    config.update(overrides)
+    return config
+
+
+def test_it_learns_and_logs_every_metric(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, epochs=3))
+    history = trainer.fit(progress=False)
+    train_recs = [r for r in history if r["split"] == "train"]
+    tests = [r for r in history if r["split"] == "test"]
+    assert len(train_recs) == trainer.total_steps == 3 * 20 and len(tests) == 3
+    assert tests[-1]["acc"] > 0.7 and tests[-1]["loss"] < tests[0]["loss"]
+    first, last = train_recs[0], train_recs[-1]
+    assert first["pretrain"] and first["fwd_nfe"] == 3 and first["bwd_nfe"] is None
+    for key in ("loss", "acc", "fwd_nfe", "bwd_nfe", "residual", "samples_per_s", "lr"):
+        assert last[key] is not None, key
+    assert not last["pretrain"] and last["bwd_nfe"] >= 1
+    log = read_log(tmp_path / "run.jsonl")
+    assert log[-1]["event"] == "done" and len(log) == len(history) + 1
+
+
+@pytest.mark.parametrize("crash, resumed_at", [(KeyboardInterrupt, 27), (RuntimeError, 25)],
+                         ids=["ctrl-c saves a checkpoint", "hard crash: last periodic checkpoint"])
+def test_resume_after_interruption_ends_exactly_like_an_uninterrupted_run(tmp_path, crash, resumed_at):
+    straight = Trainer(tiny_config(tmp_path / "a"))
+    straight.fit(progress=False)
+
+    config = tiny_config(tmp_path / "b", checkpoint_every=5)
+    interrupted = Trainer(config)
+
+    def stop_at_step_27(record):
+        if record["split"] == "train" and record["step"] == 27:
+            raise crash
+
+    with pytest.raises(crash):
+        interrupted.fit(stop_at_step_27, progress=False)
+    resumed = Trainer.resume(config["checkpoint_path"])
+    assert resumed.step == resumed_at
+    resumed.fit(progress=False)
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), f"{name} differs after resume"
+    losses = lambda h: [r["loss"] for r in h if r["split"] == "train"]  # noqa: E731
+    assert losses(resumed.history) == losses(straight.history)
+    steps = [r["step"] for r in read_log(config["log_path"]) if r.get("split") == "train"]
+    assert steps == list(range(1, straight.total_steps + 1)), "log lost or duplicated steps"
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, epochs=1))
+    trainer.save_checkpoint()
+    good = (tmp_path / "run.pt").read_bytes()
+    real_save = torch.save
+
+    def crash_midway(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    trainer.step = 99
+    with pytest.raises(OSError):
+        trainer.save_checkpoint()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "run.pt").read_bytes() == good
+    assert not (tmp_path / "run.pt.tmp").exists()
+    assert Trainer.resume(str(tmp_path / "run.pt")).step == 0
+
+
+def test_config_errors():
+    with pytest.raises(KeyError, match="unknown config key 'learning_rate'"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
+    with pytest.raises(KeyError, match="Did you mean 'epochs'"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="unknown optimizer 'adan'"):
+        TrainConfig(optimizer="adan")
+    with pytest.raises(TypeError, match="unknown option 'hiden'"):
+        Trainer(dict(dataset="digits", model_options={"hiden": 3}))
+    with pytest.raises(ValueError, match="unknown config preset"):
+        load_preset("mnits")
+    assert "mnist" in PRESETS and TrainConfig.from_dict(load_preset("mnist")).dataset == "mnist5k"
+
+
+def test_command_line_runs_a_preset_with_overrides(tmp_path, capsys):
+    log = tmp_path / "cli.jsonl"
+    train.main(["--config", "mnist", "--set", "dataset=digits", "--set", "epochs=1",
+                "--set", "model_options.channels=4", "--set", "model_options.hidden=16",
+                "--set", "pretrain_steps=0", "--log", str(log), "--checkpoint", str(tmp_path / "c.pt")])
+    out = capsys.readouterr().out
+    assert "test accuracy" in out
+    records = read_log(log)
+    assert records[-1]["event"] == "done" and (tmp_path / "c.pt").exists()
+    with pytest.raises(SystemExit):
+        train.main(["--config", "mnist", "--set", "epochs"])
+
+
+def test_dashboard_and_follow_draw_the_log(tmp_path):
+    records = [dict(split="train", step=s, loss=1 / s, acc=0.5, fwd_nfe=10, bwd_nfe=8,
+                    residual=1e-4) for s in range(1, 6)]
+    records.append(dict(split="test", step=5, loss=0.3, acc=0.9, fwd_nfe=9, residual=1e-4))
+    dash = TrainingDashboard()
+    for r in records:
+        dash.log(r)
+    assert dash.points("loss", "train", "loss") == 5 and dash.points("loss", "test", "loss") == 1
+    assert dash.points("nfe", "train", "bwd_nfe") == 5
+    assert dash.axes["residual"].get_yscale() == "log"
+    assert dash.axes["nfe"].get_ylabel() == "function evaluations"
+
+    path = tmp_path / "remote.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"event": "done"}\n{"spli')
+    followed = follow(path, poll=0.01, timeout=5)
+    assert followed.points("acc", "train", "acc") == 5 and followed.points("acc", "test", "acc") == 1
+    partial = tmp_path / "running.jsonl"
+    partial.write_text(json.dumps(records[0]) + "\n")
+    assert follow(partial, poll=0.01, timeout=0.05).points("loss", "train", "loss") == 1
