@@ -55,7 +55,8 @@ class DEQ(nn.Module):
     Args:
         cell: the weight-tied, input-injected layer f.
         solver: forward solver name (``"forward_iteration"``, ``"anderson"``, ``"broyden"``).
-        tol, max_iter, stop: the forward solve's stopping rule (see ``deqlite.solvers``).
+        tol, max_iter, stop: the forward solve's stopping rule (see ``deqlite.solvers``);
+            ``tol=0`` runs exactly ``max_iter`` iterations (and does not warn).
         solver_options: extra options of the forward solver, e.g. ``{"m": 6, "beta": 1.0}``.
         backward: ``"ift"`` (implicit differentiation) or ``"unrolled"`` (backprop through the solver).
         backward_solver, backward_tol, backward_max_iter, backward_solver_options: the adjoint
@@ -113,8 +114,8 @@ class DEQ(nn.Module):
         return opts.pop("fn")(f, z0, **opts)
 
     def _check(self, stats: SolverStats, which: str) -> None:
-        if stats.all_converged or self.on_fail == "ignore":
-            return
+        if stats.all_converged or self.on_fail == "ignore" or stats.tol == 0:
+            return                      # tol = 0 asks for exactly max_iter steps: not a failure
         message = f"DEQ {which} solve did not converge.\n{stats.report()}"
         if self.on_fail == "raise":
             raise DEQConvergenceError(message)
