@@ -56,6 +56,26 @@ def anderson_weights(G, normalize=True):
     return y / y.sum() if normalize else y
 
 
+def train_step(model, optimizer, x, y, zero_grad=True, step=True, softmax=False):
+    import torch.nn.functional as F
+    if zero_grad:
+        optimizer.zero_grad()
+    logits = model(x)
+    loss = F.cross_entropy(logits.softmax(1) if softmax else logits, y)
+    loss.backward()
+    if step:
+        optimizer.step()
+    return loss.item()
+
+
+def nfe_by_epoch(history, include_test=False):
+    groups = {}
+    for r in history:
+        if r["split"] == "train" or include_test:
+            groups.setdefault(r["epoch"], []).append(r["fwd_nfe"])
+    return {e: sum(v) / len(v) for e, v in groups.items()}
+
+
 CASES = [
     (checks.check_weight_tied_forward, weight_tied_forward, [
         lambda *a: weight_tied_forward(*a, inject_every_layer=False),
@@ -93,6 +113,20 @@ CASES = [
          lambda W, b, d: torch.linalg.solve(eye_like(W) - W, d.T).T,   # missing transpose
          lambda W, b, d: d,                                             # forgets (I − W)⁻ᵀ
      ]),
+    (checks.check_train_step, train_step, [
+        lambda m, o, x, y: train_step(m, o, x, y, zero_grad=False),
+        lambda m, o, x, y: train_step(m, o, x, y, step=False),
+        lambda m, o, x, y: train_step(m, o, x, y, softmax=True),
+    ]),
+    (checks.check_count_parameters,
+     lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad), [
+         lambda m: sum(p.numel() for p in m.parameters()),               # counts frozen ones
+         lambda m: len(list(m.parameters())),                            # counts tensors
+     ]),
+    (checks.check_nfe_by_epoch, nfe_by_epoch, [
+        lambda h: nfe_by_epoch(h, include_test=True),
+        lambda h: {r["epoch"]: r["fwd_nfe"] for r in h if r["split"] == "train"},  # last, not mean
+    ]),
 ]
 
 
