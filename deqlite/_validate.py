@@ -18,13 +18,22 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def lookup(registry: Mapping[str, Any], name: str, what: str) -> Any:
-    """`registry[name]`, or a ValueError listing the valid names."""
+def lookup(registry: Mapping[str, Any] | Iterable[str], name: str, what: str) -> Any:
+    """`registry[name]` (or `name` itself when `registry` is a plain collection of names), or a
+    ValueError listing the valid names."""
+    if not isinstance(registry, Mapping):
+        registry = {key: key for key in registry}
     if not isinstance(name, str) or name not in registry:
         valid = ", ".join(repr(k) for k in registry)
         hint = did_you_mean(name, registry) if isinstance(name, str) else ""
         raise ValueError(f"unknown {what} {name!r}; choose one of {valid}.{hint}")
     return registry[name]
+
+
+def check_stop(stop: Any) -> None:
+    """The stopping rule applies to the relative or the absolute residual."""
+    if stop not in ("rel", "abs"):
+        raise ValueError(f"stop must be 'rel' or 'abs', got {stop!r}.")
 
 
 def keyword_options(fn: Callable) -> list[str]:

@@ -45,7 +45,7 @@ def data_root(root: Optional[str | os.PathLike] = None) -> Path:
 
 
 def _check_split(split: str) -> bool:
-    lookup({s: s for s in SPLITS}, split, "split")
+    lookup(SPLITS, split, "split")
     return split == "train"
 
 

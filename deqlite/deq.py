@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ._validate import check_options, check_range, check_tensor, lookup
+from ._validate import check_options, check_range, check_stop, check_tensor, lookup
 from .solvers import get_solver
 from .stats import SolverStats
 
@@ -77,8 +77,8 @@ class DEQ(nn.Module):
             if not callable(getattr(cell, method, None)):
                 raise TypeError(f"cell {type(cell).__name__} has no {method}() method; a DEQ cell needs "
                                 f"inject(x), init_state(injection) and forward(z, injection).")
-        lookup({b: b for b in BACKWARDS}, backward, "backward rule")
-        lookup({o: o for o in ON_FAIL}, on_fail, "on_fail value")
+        lookup(BACKWARDS, backward, "backward rule")
+        lookup(ON_FAIL, on_fail, "on_fail value")
         self.cell = cell
         self.backward_rule, self.on_fail = backward, on_fail
         self.forward_solve = self._solve_settings("solver", solver, tol, max_iter, stop, solver_options)
@@ -104,8 +104,7 @@ class DEQ(nn.Module):
                 raise TypeError(f"pass {key!r} as DEQ's own argument, not inside {what}'s options.")
         check_range(tol, "tol", low=0)
         check_range(max_iter, "max_iter", low=1, integer=True)
-        if stop not in ("rel", "abs"):
-            raise ValueError(f"stop must be 'rel' or 'abs', got {stop!r}.")
+        check_stop(stop)
         return dict(fn=fn, tol=tol, max_iter=max_iter, stop=stop, **options)
 
     @staticmethod

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._validate import check_options, check_range, check_tensor, lookup
+from ._validate import check_options, check_range, check_stop, check_tensor, lookup
 from .stats import EPS, SolverStats
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -45,8 +45,7 @@ class _Tracker:
         check_tensor(z0, "z0")
         check_range(tol, "tol", low=0)
         check_range(max_iter, "max_iter", low=1, integer=True)
-        if stop not in ("rel", "abs"):
-            raise ValueError(f"stop must be 'rel' or 'abs', got {stop!r}.")
+        check_stop(stop)
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(iteration, abs_res, rel_res).")
         self.name, self.f, self.tol, self.stop, self.callback = name, f, tol, stop, callback

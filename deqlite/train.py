@@ -73,7 +73,7 @@ class TrainConfig:
 
     def __post_init__(self):
         lookup(OPTIMIZERS, self.optimizer, "optimizer")
-        lookup({s: s for s in SCHEDULES}, self.schedule, "schedule")
+        lookup(SCHEDULES, self.schedule, "schedule")
         for name in ("epochs", "batch_size"):
             check_range(getattr(self, name), name, low=1, integer=True)
         for name in ("pretrain_steps", "pretrain_depth", "checkpoint_every", "seed"):
@@ -166,13 +166,18 @@ class Trainer:
         return dict(fwd_nfe=deq.forward_stats.nfe, bwd_nfe=bwd.nfe if bwd is not None else None,
                     residual=deq.forward_stats.final_rel.max().item())
 
+    def _set_warm_up(self) -> bool:
+        """Unroll the cell (warm-up) during the first ``pretrain_steps`` steps, solve after."""
+        warm_up = self.step < self.config.pretrain_steps
+        if self.deq is not None:
+            self.deq.pretrain_steps = self.config.pretrain_depth if warm_up else 0
+        return warm_up
+
     def train_step(self) -> dict:
         """One optimizer step on the next batch; returns its metrics record."""
         c = self.config
         epoch, x, y = self._batch(self.step)
-        pretrain = self.step < c.pretrain_steps
-        if self.deq is not None:
-            self.deq.pretrain_steps = c.pretrain_depth if pretrain else 0
+        pretrain = self._set_warm_up()
         start = time.perf_counter()
         self.model.train()
         logits = self.model(x)
@@ -192,9 +197,7 @@ class Trainer:
     def evaluate(self, batch_size: int = 500) -> dict:
         """Loss and accuracy on the test split (mean forward NFE for a DEQ)."""
         self.model.eval()
-        if self.deq is not None:
-            self.deq.pretrain_steps = (self.config.pretrain_depth
-                                       if self.step < self.config.pretrain_steps else 0)
+        self._set_warm_up()
         x_all, y_all = self.test_set.tensors
         loss = correct = 0.0
         nfe, residual = [], []

@@ -15,5 +15,5 @@ PRESETS = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.st
 
 def load_preset(name: str) -> dict:
     """A fresh copy of the preset's CONFIG dict (edit it freely)."""
-    lookup({p: p for p in PRESETS}, name, "config preset")
+    lookup(PRESETS, name, "config preset")
     return copy.deepcopy(importlib.import_module(f"{__name__}.{name}").CONFIG)
