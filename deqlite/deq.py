@@ -21,6 +21,11 @@ applies the cell exactly k times from z0 and backpropagates through them, a shal
 network (no solve, so ``forward_stats`` stays None); set it back to 0 to switch to the
 equilibrium solve.
 
+Jacobian regularization (Bai, Koltun, Kolter, ICML 2021): with ``deq.jac_probes = M > 0``, a
+forward pass that builds a graph also sets ``deq.jac_loss``, the batch mean of the Hutchinson
+estimate of ‖J_f(z*)‖²_F / d from M probes (``deqlite.jacobian``), differentiable in the
+parameters with z* held fixed; add ``γ · deq.jac_loss`` to the loss. Otherwise ``jac_loss`` is None.
+
 After each call, ``deq.forward_stats`` holds the forward solve's ``SolverStats`` and, once
 ``.backward()`` has run, ``deq.backward_stats`` the adjoint solve's.
 """
@@ -33,6 +38,7 @@ import torch
 from torch import nn
 
 from ._validate import check_options, check_range, check_stop, check_tensor, lookup
+from .jacobian import hutchinson_frobenius
 from .solvers import get_solver
 from .stats import SolverStats
 
@@ -92,6 +98,8 @@ class DEQ(nn.Module):
         self.forward_stats: Optional[SolverStats] = None
         self.backward_stats: Optional[SolverStats] = None
         self.pretrain_steps = 0
+        self.jac_probes = 0
+        self.jac_loss: Optional[torch.Tensor] = None
 
     @staticmethod
     def _solve_settings(what, name, tol, max_iter, stop, options) -> dict:
@@ -128,21 +136,26 @@ class DEQ(nn.Module):
             z0 = self.cell.init_state(injection)
         else:
             check_tensor(z0, "z0")
-        self.forward_stats = self.backward_stats = None
+        self.forward_stats = self.backward_stats = self.jac_loss = None
+        check_range(self.pretrain_steps, "pretrain_steps", low=0, integer=True)
+        check_range(self.jac_probes, "jac_probes", low=0, integer=True)
 
         def f(z):
             return self.cell(z, injection)
 
         needs_grad = torch.is_grad_enabled() and injection.requires_grad
         if self.pretrain_steps:     # warm-up: exactly k applications of f, backprop through them
-            check_range(self.pretrain_steps, "pretrain_steps", low=0, integer=True)
             z = z0
             for _ in range(self.pretrain_steps):
                 z = f(z)
+            if needs_grad and self.jac_probes:
+                self._jacobian_loss_at(z, injection)
             return z
         if needs_grad and self.backward_rule == "unrolled":
             z, self.forward_stats = self._run(self.forward_solve, f, z0)
             self._check(self.forward_stats, "forward")
+            if self.jac_probes:
+                self._jacobian_loss_at(z, injection)
             return z
 
         with torch.no_grad():
@@ -152,11 +165,19 @@ class DEQ(nn.Module):
             return z_star
         return self._attach_ift(z_star, injection)
 
+    def _jacobian_loss_at(self, z: torch.Tensor, injection: torch.Tensor) -> None:
+        """jac_loss = batch mean of the Hutchinson estimate of ‖J‖²_F / d at z (z held fixed)."""
+        z_in = z.detach().requires_grad_()
+        self.jac_loss = hutchinson_frobenius(self.cell(z_in, injection), z_in,
+                                             n_probes=self.jac_probes, create_graph=True).mean()
+
     def _attach_ift(self, z_star: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
         """z = f(z*, x) with a graph to x and θ, and a hook turning ∂ℓ/∂z into the adjoint g."""
         z = self.cell(z_star, injection)
         z_in = z_star.detach().requires_grad_()
         f_in = self.cell(z_in, injection.detach())          # graph of f in z alone, for Jᵀ y
+        if self.jac_probes:     # its own application of f: backward must not free f_in's graph
+            self._jacobian_loss_at(z_star, injection)
 
         def adjoint_hook(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             if grad is None:                                 # undefined gradient: nothing to solve

@@ -133,18 +133,21 @@ def plot_residuals(stats: Mapping[str, SolverStats], ax=None, *, per_sample: boo
 
 
 class TrainingDashboard(LiveFigure):
-    """Loss, accuracy, solver effort (NFE) and residual against training steps, redrawn in place.
+    """Loss, accuracy, solver effort (NFE), residual and the Jacobian at z* (spectral radius and
+    ‖J‖²_F / d, the quantity Jacobian regularization penalizes) against training steps, redrawn
+    in place.
 
     Feed it the training loop's records: ``trainer.fit(callback=dashboard.log)``. Train records
     draw lines; test records (``split == "test"``) draw markers.
     """
 
     PANELS = (("loss", "loss", False), ("acc", "accuracy", False),
-              ("nfe", "function evaluations", False), ("residual", "final rel. residual", True))
+              ("nfe", "function evaluations", False), ("residual", "final rel. residual", True),
+              ("rho", "spectral radius ρ(J)", False), ("jac", "‖J‖²_F / d", False))
 
     def __init__(self, title: str = "Training", *, min_interval: float = 0.5):
-        fig = Figure(figsize=(11, 6.5))
-        axes = fig.subplots(2, 2, sharex=True)
+        fig = Figure(figsize=(13, 6.5))
+        axes = fig.subplots(2, 3, sharex=True)
         self.axes = dict(zip([p[0] for p in self.PANELS], axes.flat))
         self.series: dict[str, tuple] = {}
         for key, label, log in self.PANELS:
@@ -164,6 +167,11 @@ class TrainingDashboard(LiveFigure):
         self._add("nfe", "train", "bwd_nfe", "-", label="backward")
         self._add("nfe", "test", "fwd_nfe", "o", label="forward (test)")
         self._add("residual", "train", "residual", "-")
+        self._add("rho", "test", "spectral_radius", "o", label="mean (test)")
+        self._add("rho", "test", "spectral_radius_max", "^", label="max (test)")
+        self._add("jac", "train", "jac_loss", "-", label="train (JR estimate)")
+        self._add("jac", "test", "jac_frobenius", "o", label="test")
+        self.axes["rho"].axhline(1.0, color="gray", linestyle=":", linewidth=1)
         for ax in self.axes.values():
             ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
@@ -190,6 +198,61 @@ class TrainingDashboard(LiveFigure):
     def points(self, panel: str, split: str, key: str) -> int:
         """How many points one series holds (for tests and sanity checks)."""
         return len(self.series[f"{panel}/{split}/{key}"][0].get_xdata())
+
+
+class RunComparison(LiveFigure):
+    """Several training runs side by side, redrawn as they train: one panel per metric, one line
+    per run, one colour per label (runs with the same label, e.g. seeds, share it).
+
+        compare = RunComparison(["no JR", "JR"], {"fwd_nfe": "forward NFE", "acc": "accuracy"})
+        Trainer(config).fit(callback=compare.callback("no JR", run=0))
+
+    ``split`` picks which records are drawn (``"test"``: the evaluations; ``"train"``: every step).
+    """
+
+    def __init__(self, labels: Iterable[str], panels: Mapping[str, str], *, split: str = "test",
+                 title: str = "", min_interval: float = 0.5):
+        self.labels, self.panels, self.split = list(labels), dict(panels), split
+        if not self.panels:
+            raise ValueError("panels is empty: give {record key: axis label}, e.g. {'acc': 'accuracy'}.")
+        fig = Figure(figsize=(4.2 * len(self.panels), 3.6))
+        axes = fig.subplots(1, len(self.panels), squeeze=False)[0]
+        self.axes = dict(zip(self.panels, axes))
+        for (key, label), ax in zip(self.panels.items(), axes):
+            ax.set_ylabel(label)
+            ax.set_xlabel("training step")
+            ax.grid(True, alpha=0.3)
+        for i, label in enumerate(self.labels):             # legend entries, one per label
+            axes[0].plot([], [], color=f"C{i}", label=label)
+        axes[0].legend(loc="best", fontsize=8)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        self.lines: dict[tuple, object] = {}
+        super().__init__(fig, min_interval=min_interval)
+
+    def callback(self, label: str, run: int = 0):
+        """A ``fit(callback=...)`` that draws the records of run `run` of `label`."""
+        if label not in self.labels:
+            raise KeyError(f"no run label {label!r}; the figure was made for {self.labels}.")
+        color = f"C{self.labels.index(label)}"
+
+        def log(record: dict) -> None:
+            if record.get("split") != self.split:
+                return
+            for key, ax in self.axes.items():
+                if record.get(key) is None:
+                    continue
+                if (label, run, key) not in self.lines:
+                    self.lines[label, run, key] = ax.plot([], [], color=color, marker=".",
+                                                          alpha=0.8)[0]
+                line = self.lines[label, run, key]
+                line.set_data([*line.get_xdata(), record["step"]], [*line.get_ydata(), record[key]])
+                ax.relim()
+                ax.autoscale_view()
+            self.update()
+
+        return log
 
 
 def follow(log_path, *, poll: float = 2.0, timeout: Optional[float] = None,

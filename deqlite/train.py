@@ -6,6 +6,13 @@ records the solver's effort: forward NFE (solving z* = f(z*, x)), backward NFE (
 g = Jᵀ g + ∂ℓ/∂z*) and the final relative residual. A warm-up of ``pretrain_steps`` steps trains
 the cell unrolled ``pretrain_depth`` times (as the DEQ papers do) before the equilibrium solve.
 
+Jacobian regularization (Bai, Koltun, Kolter 2021): with ``jac_reg_weight = γ > 0`` the loss of a
+step becomes  cross-entropy + γ_t · ‖J_f(z*)‖²_F / d  (Hutchinson, ``jac_reg_probes`` probes),
+applied on each step with probability ``jac_reg_prob``, with γ_t rising linearly from 0 to γ over
+the first ``jac_reg_ramp_steps`` steps (0: γ from the start). Train records log ``jac_weight``
+(γ_t) and ``jac_loss`` (the estimate, when applied); test records log the Jacobian's spectral
+radius ρ(J) and ‖J‖²_F / d at z* on the first ``eval_jacobian_samples`` test examples.
+
 Determinism: the model is initialised from ``seed`` and epoch e visits the data in the order of
 ``randperm(seed, e)``, so a run resumed from a checkpoint (model, optimizer, schedule, step and RNG
 state) ends exactly where the uninterrupted run ends.
@@ -30,6 +37,8 @@ from tqdm.auto import tqdm
 
 from ._validate import check_range, did_you_mean, lookup
 from .data import load_dataset
+from .diagnostics import equilibrium
+from .jacobian import hutchinson_frobenius, spectral_radius
 from .models import build_model
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -55,6 +64,11 @@ class TrainConfig:
     schedule: str = "cosine"
     pretrain_steps: int = 0                # warm-up steps with the cell unrolled ...
     pretrain_depth: int = 6                # ... this many times
+    jac_reg_weight: float = 0.0            # γ of the Jacobian regularizer (0: off)
+    jac_reg_prob: float = 1.0              # apply it on a step with this probability
+    jac_reg_probes: int = 1                # Hutchinson probes per step
+    jac_reg_ramp_steps: int = 0            # γ rises linearly from 0 over these steps (0: constant)
+    eval_jacobian_samples: int = 100       # test examples for ρ(J), ‖J‖²_F/d at evaluation (0: skip)
     seed: int = 0
     device: str = "auto"                   # "auto": cuda when available
     log_path: Optional[str] = None         # JSONL, one record per step / evaluation
@@ -76,9 +90,13 @@ class TrainConfig:
         lookup(SCHEDULES, self.schedule, "schedule")
         for name in ("epochs", "batch_size"):
             check_range(getattr(self, name), name, low=1, integer=True)
-        for name in ("pretrain_steps", "pretrain_depth", "checkpoint_every", "seed"):
+        for name in ("pretrain_steps", "pretrain_depth", "checkpoint_every", "seed",
+                     "jac_reg_ramp_steps", "eval_jacobian_samples"):
             check_range(getattr(self, name), name, low=0, integer=True)
         check_range(self.lr, "lr", low=0, low_open=True)
+        check_range(self.jac_reg_weight, "jac_reg_weight", low=0)
+        check_range(self.jac_reg_prob, "jac_reg_prob", low=0, high=1)
+        check_range(self.jac_reg_probes, "jac_reg_probes", low=1, integer=True)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -173,17 +191,41 @@ class Trainer:
             self.deq.pretrain_steps = self.config.pretrain_depth if warm_up else 0
         return warm_up
 
+    def jac_weight(self, step: int) -> float:
+        """γ_t: the Jacobian regularizer's weight at `step` (linear ramp, then constant)."""
+        c = self.config
+        ramp = min(1.0, (step + 1) / c.jac_reg_ramp_steps) if c.jac_reg_ramp_steps else 1.0
+        return c.jac_reg_weight * ramp
+
+    def _jac_reg_now(self) -> bool:
+        """Whether this step adds the regularizer: a draw with probability ``jac_reg_prob`` from a
+        generator seeded by (seed, step), so a resumed run makes the same draws."""
+        c = self.config
+        if self.deq is None or c.jac_reg_weight == 0:
+            return False
+        draw = torch.rand(1, generator=torch.Generator().manual_seed(c.seed * 7919 + self.step))
+        return draw.item() < c.jac_reg_prob
+
     def train_step(self) -> dict:
         """One optimizer step on the next batch; returns its metrics record."""
         c = self.config
         epoch, x, y = self._batch(self.step)
         pretrain = self._set_warm_up()
+        gamma, regularize = self.jac_weight(self.step), self._jac_reg_now()
         start = time.perf_counter()
         self.model.train()
-        logits = self.model(x)
+        if self.deq is not None:
+            self.deq.jac_probes = c.jac_reg_probes if regularize else 0
+        try:
+            logits = self.model(x)
+        finally:
+            if self.deq is not None:
+                self.deq.jac_probes = 0
         loss = F.cross_entropy(logits, y)
+        jac_loss = self.deq.jac_loss if regularize else None
+        total = loss + gamma * jac_loss if jac_loss is not None else loss
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -191,7 +233,9 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return dict(split="train", step=self.step, epoch=epoch, loss=loss.item(),
                     acc=(logits.argmax(1) == y).float().mean().item(), lr=lr, pretrain=pretrain,
-                    samples_per_s=len(y) / elapsed, **self._solver_metrics())
+                    samples_per_s=len(y) / elapsed, jac_weight=gamma if c.jac_reg_weight else None,
+                    jac_loss=jac_loss.item() if jac_loss is not None else None,
+                    **self._solver_metrics())
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 500) -> dict:
@@ -213,7 +257,24 @@ class Trainer:
         mean_nfe = sum(nfe) / len(nfe) if None not in nfe else None
         return dict(split="test", step=self.step, epoch=(self.step - 1) // self.steps_per_epoch,
                     loss=loss / n, acc=correct / n, fwd_nfe=mean_nfe,
-                    residual=max(residual) if None not in residual else None)
+                    residual=max(residual) if None not in residual else None,
+                    **self._jacobian_metrics())
+
+    def _jacobian_metrics(self) -> dict:
+        """ρ(J) (mean and max) and ‖J‖²_F / d at the DEQ's state on the first test examples, with
+        fixed random draws so that successive evaluations are comparable."""
+        n = self.config.eval_jacobian_samples
+        if self.deq is None or n == 0:
+            return {}
+        x = self.test_set.tensors[0][:n].to(self.device)
+        _, f, z = equilibrium(self.model, x)
+        rho = spectral_radius(f, z, generator=torch.Generator().manual_seed(0))
+        z_in = z.detach().requires_grad_()
+        with torch.enable_grad():
+            fro = hutchinson_frobenius(f(z_in), z_in, n_probes=4, kind="rademacher",
+                                       generator=torch.Generator().manual_seed(1))
+        return dict(spectral_radius=rho.mean().item(), spectral_radius_max=rho.max().item(),
+                    jac_frobenius=fro.mean().item())
 
     def _record(self, record: dict, callback) -> None:
         record["time"] = time.time()

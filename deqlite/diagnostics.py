@@ -1,0 +1,187 @@
+"""`diagnose`: why is this DEQ slow, stuck or diverging, and what to try.
+
+The forward solve's residual trace says *what* happened; the Jacobian J = ∂f/∂z at the returned
+state says *why*. Near z*, forward iteration's error shrinks like e_{k+1} ≈ J e_k, so
+
+* ρ(J) < 1: z* attracts forward iteration, at about ρ(J) per step, i.e.
+  log(tol)/log ρ(J) steps to reach ``tol`` (ρ = 0.9: ~90 steps for 1e-4; ρ = 0.5: ~13);
+* ρ(J) ≥ 1: z* repels forward iteration (Anderson and Broyden may still find it, less reliably);
+* a large ‖J‖²_F / d (many large directions) makes every solver work harder: the quantity
+  Jacobian regularization penalizes.
+
+    report = diagnose(model, images)      # a DEQ model (finds its DEQ) or a DEQ and its input
+    print(report)                          # the numbers and the advice
+    report.plot()                          # residual traces and J's eigenvalues vs the unit circle
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from .deq import DEQ
+from .jacobian import exact_jacobian, hutchinson_frobenius, ritz_values
+from .plots import plot_residuals
+from .stats import SolverStats
+
+EXACT_LIMIT = 256          # states up to this size get the exact Jacobian
+
+
+def find_deq(model: nn.Module) -> DEQ:
+    """The model itself if it is a DEQ, else its only DEQ submodule."""
+    if isinstance(model, DEQ):
+        return model
+    found = [m for m in model.modules() if isinstance(m, DEQ)]
+    if len(found) != 1:
+        raise ValueError(f"{type(model).__name__} holds {len(found)} DEQ modules; pass the DEQ "
+                         f"you mean and its own input, e.g. diagnose(model.deq, features).")
+    return found[0]
+
+
+@torch.no_grad()
+def equilibrium(model: nn.Module, inputs: torch.Tensor):
+    """Run `model` on `inputs` and return ``(deq, f, z)``: its DEQ, the map z ↦ f(z, x) for the
+    DEQ's own input x (captured with a forward hook), and the state the solve returned."""
+    deq = find_deq(model)
+    seen = {}
+
+    def capture(module, args, output):
+        seen["x"], seen["z"] = args[0], output
+
+    handle = deq.register_forward_hook(capture)
+    try:
+        model(inputs)
+    finally:
+        handle.remove()
+    injection = deq.cell.inject(seen["x"])
+    return deq, (lambda z: deq.cell(z, injection)), seen["z"]
+
+
+@dataclass
+class Diagnosis:
+    """What ``diagnose`` found. ``print(d)`` gives the report; ``d.plot()`` the pictures."""
+    stats: SolverStats
+    max_iter: int
+    spectral_radius: torch.Tensor           # (batch,) ρ(J) at the returned state
+    frobenius: torch.Tensor                 # (batch,) ‖J‖²_F / d
+    eigenvalues: torch.Tensor               # (k,) complex: J's eigenvalues for sample 0 ...
+    exact: bool                             # ... all d of them (True) or k Arnoldi estimates
+    status: str = ""
+    advice: list = field(default_factory=list)
+
+    def forward_iteration_steps(self, tol: Optional[float] = None) -> float:
+        """≈ log(tol)/log(ρ): forward-iteration steps to shrink the error to tol (inf if ρ ≥ 1)."""
+        rho = self.spectral_radius.max().item()
+        tol = tol or self.stats.tol or 1e-4
+        return math.inf if rho >= 1 else math.log(tol) / math.log(max(rho, 1e-12))
+
+    def report(self) -> str:
+        rho, fro = self.spectral_radius, self.frobenius
+        lines = [f"status: {self.status}",
+                 f"  solve: {self.stats!r}",
+                 f"  spectral radius ρ(J): median {rho.median().item():.3f}, max {rho.max().item():.3f} "
+                 f"({int((rho >= 1).sum())}/{rho.numel()} samples ≥ 1)",
+                 f"  ‖J‖²_F / d: median {fro.median().item():.3f}, max {fro.max().item():.3f}"]
+        steps = self.forward_iteration_steps()
+        if math.isfinite(steps):
+            lines.append(f"  forward iteration would need ≈ {steps:.0f} steps for tol {self.stats.tol or 1e-4:g}")
+        lines += [f"  try: {a}" for a in self.advice]
+        return "\n".join(lines)
+
+    __str__ = report
+
+    def plot(self, fig: Optional[Figure] = None) -> Figure:
+        """Left: the residual traces (every sample faintly, the batch max boldly). Right: J's
+        eigenvalues for sample 0 in the complex plane, with the unit circle ρ = 1."""
+        fig = fig or Figure(figsize=(11, 4))
+        ax1, ax2 = fig.subplots(1, 2)
+        plot_residuals({self.stats.solver: self.stats}, ax1, per_sample=True)
+        ax1.set_title(f"forward solve: {self.status}")
+        t = torch.linspace(0, 2 * math.pi, 200)
+        ax2.plot(t.cos(), t.sin(), color="gray", linestyle=":", label="|λ| = 1")
+        eig = self.eigenvalues.cpu()
+        what = "eigenvalues of J" if self.exact else f"{len(eig)} Arnoldi estimates"
+        ax2.scatter(eig.real, eig.imag, s=12, label=f"{what} (sample 0)")
+        r = self.spectral_radius[0].item()
+        ax2.plot(r * t.cos(), r * t.sin(), color="C3", linewidth=1, label=f"ρ(J) = {r:.3f}")
+        ax2.set_aspect("equal")
+        ax2.set_xlabel("Re λ")
+        ax2.set_ylabel("Im λ")
+        ax2.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+        ax2.set_title("spectrum of J = ∂f/∂z at the returned z")
+        fig.tight_layout()
+        return fig
+
+    def __repr__(self) -> str:
+        return self.report()
+
+
+def _status_and_advice(stats: SolverStats, rho: torch.Tensor, max_iter: int) -> tuple[str, list]:
+    advice = []
+    trace = stats.residuals
+    if not torch.isfinite(trace).all() or (trace[-1] > 10 * trace.min(dim=0).values).any():
+        status = "diverging: the residual blew up"
+    elif stats.all_converged:
+        status = f"converged in {stats.nfe} NFE"
+        if stats.nfe > 0.5 * max_iter:
+            status += f" (more than half of max_iter = {max_iter})"
+    elif bool(stats.diverged.any()):
+        status = "stagnating: the residual stopped decreasing above tol"
+    else:
+        status = "slow: still improving when max_iter ran out"
+    rho_max = rho.max().item()
+    if rho_max >= 1:
+        advice.append(f"ρ(J) = {rho_max:.2f} ≥ 1: z* repels forward iteration. Use anderson or "
+                      "broyden, damping (forward_iteration's `damping`, anderson's `beta` < 1), a "
+                      "smaller weight scale, or train with Jacobian regularization.")
+    elif rho_max > 0.9:
+        advice.append(f"ρ(J) = {rho_max:.2f} is close to 1: expect slow convergence. Jacobian "
+                      "regularization (TrainConfig.jac_reg_weight) keeps it lower during training.")
+    if status.startswith("slow"):
+        advice.append("raise max_iter, loosen tol, or switch to a faster solver (anderson, broyden).")
+    elif status.startswith(("stagnating", "diverging")) and rho_max < 1:
+        advice.append("the map contracts near z* but the solver failed: lower anderson's `beta` or "
+                      "raise its regularizer `lam`, or start from a better z0 (warm start).")
+    return status, advice
+
+
+def diagnose(model: nn.Module, inputs: torch.Tensor, *, n_iter: int = 40,
+             generator: Optional[torch.Generator] = None) -> Diagnosis:
+    """Solve for the equilibrium of `model` (a DEQ, or a model holding one) on `inputs` and report
+    the residual trajectory, ρ(J) and ‖J‖²_F/d at the returned state, and what to try.
+
+    The solve uses the DEQ's own settings (the unrolled warm-up is switched off for it);
+    convergence warnings are folded into the report. J is computed exactly for states of up to
+    ``EXACT_LIMIT`` entries; larger ones get ρ(J) from ``n_iter`` Arnoldi steps and ‖J‖²_F/d
+    from 8 Hutchinson probes.
+    """
+    deq = find_deq(model)
+    saved = deq.pretrain_steps
+    deq.pretrain_steps = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            deq, f, z = equilibrium(model, inputs)
+    finally:
+        deq.pretrain_steps = saved
+    stats = deq.forward_stats
+    if z[0].numel() <= EXACT_LIMIT:              # small state: the exact Jacobian
+        J = exact_jacobian(f, z)
+        eig, exact = torch.linalg.eigvals(J), True
+        fro = J.square().sum((1, 2)) / J.shape[-1]
+    else:                                        # large: Arnoldi and Hutchinson estimates
+        eig, exact = ritz_values(f, z, n_iter=n_iter, generator=generator), False
+        z_in = z.detach().requires_grad_()
+        with torch.enable_grad():
+            fro = hutchinson_frobenius(f(z_in), z_in, n_probes=8, kind="rademacher",
+                                       generator=generator)
+    rho = eig.abs().max(dim=1).values.to(z.dtype)
+    status, advice = _status_and_advice(stats, rho, deq.forward_solve["max_iter"])
+    return Diagnosis(stats=stats, max_iter=deq.forward_solve["max_iter"], spectral_radius=rho,
+                     frobenius=fro.detach(), eigenvalues=eig[0], exact=exact, status=status,
+                     advice=advice)
