@@ -76,6 +76,49 @@ def nfe_by_epoch(history, include_test=False):
     return {e: sum(v) / len(v) for e, v in groups.items()}
 
 
+def hutchinson(f_z, z, probes, create_graph=True, per_sample=True, normalize=True, average=True):
+    total = 0
+    for v in probes:
+        vJ = torch.autograd.grad(f_z, z, v, create_graph=create_graph, retain_graph=True)[0]
+        total = total + (vJ ** 2).sum(1 if per_sample else None)
+    est = total / (len(probes) if average else 1)
+    return est / z.shape[1] if normalize else est
+
+
+def hutchinson_jvp(f_z, z, probes):
+    """The same estimate with J v instead of vᵀ J (also unbiased: E‖Jv‖² = ‖J‖²_F): must pass."""
+    out = 0
+    for v in probes:
+        u = torch.zeros_like(f_z, requires_grad=True)              # double-backward trick for J v
+        vjp = torch.autograd.grad(f_z, z, u, create_graph=True)[0]
+        Jv = torch.autograd.grad(vjp, u, v, create_graph=True)[0]
+        out = out + (Jv ** 2).sum(1)
+    return out / len(probes) / z.shape[1]
+
+
+def power_method(matvec, v, n_iter, signed=False, normalize=True):
+    for _ in range(n_iter):
+        v = matvec(v)
+        if normalize:
+            v = v / v.norm()
+    rayleigh = v @ matvec(v) / (v @ v)
+    return rayleigh if signed else rayleigh.abs()
+
+
+CASES_05 = [
+    (checks.check_hutchinson, hutchinson, [
+        lambda f_z, z, p: hutchinson(f_z, z, p, create_graph=False),   # no graph: cannot train
+        lambda f_z, z, p: hutchinson(f_z, z, p, per_sample=False),     # summed over the batch
+        lambda f_z, z, p: hutchinson(f_z, z, p, normalize=False),      # not divided by d
+        lambda f_z, z, p: hutchinson(f_z, z, p, average=False),        # not averaged over probes
+    ]),
+    (checks.check_power_method, power_method, [
+        lambda mv, v, n: power_method(mv, v, n, signed=True),          # negative λ_max
+        lambda mv, v, n: power_method(mv, v, 1),                       # ignores n_iter
+        lambda mv, v, n: mv(v).norm() / v.norm(),                      # one ratio, no iteration
+    ]),
+]
+
 CASES = [
     (checks.check_weight_tied_forward, weight_tied_forward, [
         lambda *a: weight_tied_forward(*a, inject_every_layer=False),
@@ -127,7 +170,7 @@ CASES = [
         lambda h: nfe_by_epoch(h, include_test=True),
         lambda h: {r["epoch"]: r["fwd_nfe"] for r in h if r["split"] == "train"},  # last, not mean
     ]),
-]
+] + CASES_05
 
 
 @pytest.mark.parametrize("check, right, wrongs", CASES, ids=[c[0].__name__ for c in CASES])
@@ -155,3 +198,8 @@ def test_student_exception_is_reported_with_its_message():
 
     with pytest.raises(CheckFailed, match="IndexError: index 9"):
         checks.check_lipschitz_bound(buggy)
+
+
+def test_hutchinson_check_accepts_the_jvp_form_too(capsys):
+    """‖J v‖² is as unbiased as ‖vᵀJ‖²: a correct alternative must not be rejected."""
+    assert checks.check_hutchinson(hutchinson_jvp)

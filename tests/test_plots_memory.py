@@ -5,7 +5,7 @@ from conftest import symmetric_tanh_problem
 
 from deqlite import DEQ, MLPCell, solve
 from deqlite.memory import saved_tensor_bytes
-from deqlite.plots import LiveResidualPlot, plot_residuals
+from deqlite.plots import LiveResidualPlot, RunComparison, plot_residuals
 
 
 def test_live_residual_plot_gets_one_point_per_evaluation():
@@ -77,3 +77,22 @@ def test_live_plot_in_a_notebook_replaces_one_png_output(monkeypatch):
     assert kinds[0] == "display" and kinds.count("display") == 1      # one output, never a pile
     assert kinds.count("update") == 1                                  # throttled; final frame forced
     assert shown[-1][1].data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_comparison_draws_one_line_per_run_and_metric():
+    compare = RunComparison(["plain", "JR"], {"fwd_nfe": "NFE", "acc": "accuracy"}, min_interval=0)
+    for label, nfe in [("plain", 16), ("JR", 9)]:
+        for run in (0, 1):
+            log = compare.callback(label, run=run)
+            for step in (10, 20, 30):
+                log(dict(split="train", step=step, fwd_nfe=99, acc=0.1))     # not the test split
+                log(dict(split="test", step=step, fwd_nfe=nfe + run, acc=0.9))
+    assert len(compare.lines) == 2 * 2 * 2
+    line = compare.lines["JR", 1, "fwd_nfe"]
+    assert list(line.get_xdata()) == [10, 20, 30] and list(line.get_ydata()) == [10, 10, 10]
+    assert line.get_color() == compare.lines["JR", 0, "acc"].get_color() != \
+        compare.lines["plain", 0, "acc"].get_color()
+    with pytest.raises(KeyError, match="no run label 'jr'"):
+        compare.callback("jr")
+    with pytest.raises(ValueError, match="panels is empty"):
+        RunComparison(["a"], {})

@@ -95,6 +95,9 @@ def test_config_errors():
     with pytest.raises(ValueError, match="unknown config preset"):
         load_preset("mnits")
     assert "mnist" in PRESETS and TrainConfig.from_dict(load_preset("mnist")).dataset == "mnist5k"
+    for name in PRESETS:                                   # every preset is a valid config
+        TrainConfig.from_dict(load_preset(name))
+    assert load_preset("mnist_jr")["jac_reg_weight"] > 0
 
 
 def test_command_line_runs_a_preset_with_overrides(tmp_path, capsys):
@@ -112,8 +115,9 @@ def test_command_line_runs_a_preset_with_overrides(tmp_path, capsys):
 
 def test_dashboard_and_follow_draw_the_log(tmp_path):
     records = [dict(split="train", step=s, loss=1 / s, acc=0.5, fwd_nfe=10, bwd_nfe=8,
-                    residual=1e-4) for s in range(1, 6)]
-    records.append(dict(split="test", step=5, loss=0.3, acc=0.9, fwd_nfe=9, residual=1e-4))
+                    residual=1e-4, jac_loss=0.1 if s % 2 else None) for s in range(1, 6)]
+    records.append(dict(split="test", step=5, loss=0.3, acc=0.9, fwd_nfe=9, residual=1e-4,
+                        spectral_radius=0.5, spectral_radius_max=0.8, jac_frobenius=0.1))
     dash = TrainingDashboard()
     for r in records:
         dash.log(r)
@@ -121,6 +125,8 @@ def test_dashboard_and_follow_draw_the_log(tmp_path):
     assert dash.points("nfe", "train", "bwd_nfe") == 5
     assert dash.axes["residual"].get_yscale() == "log"
     assert dash.axes["nfe"].get_ylabel() == "function evaluations"
+    assert dash.points("jac", "train", "jac_loss") == 3               # only the regularized steps
+    assert dash.points("rho", "test", "spectral_radius_max") == 1
 
     path = tmp_path / "remote.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"event": "done"}\n{"spli')
@@ -129,3 +135,42 @@ def test_dashboard_and_follow_draw_the_log(tmp_path):
     partial = tmp_path / "running.jsonl"
     partial.write_text(json.dumps(records[0]) + "\n")
     assert follow(partial, poll=0.01, timeout=0.05).points("loss", "train", "loss") == 1
+
+
+def test_jacobian_regularization_in_training(tmp_path):
+    config = tiny_config(tmp_path, epochs=1, pretrain_steps=0, eval_jacobian_samples=50,
+                         jac_reg_weight=5.0, jac_reg_prob=0.5, jac_reg_ramp_steps=10, jac_reg_probes=2)
+    history = Trainer(config).fit(progress=False)
+    train_recs = [r for r in history if r["split"] == "train"]
+    applied = [r["jac_loss"] is not None for r in train_recs]
+    assert 3 <= sum(applied) <= len(applied) - 3                      # p = 0.5: some, not all
+    weights = [r["jac_weight"] for r in train_recs]
+    assert weights[:10] == pytest.approx([5.0 * (k + 1) / 10 for k in range(10)])   # the ramp
+    assert weights[10:] == pytest.approx([5.0] * (len(weights) - 10))
+    test = [r for r in history if r["split"] == "test"][-1]
+    assert 0 < test["spectral_radius"] <= test["spectral_radius_max"] and test["jac_frobenius"] > 0
+    # the same run again: the same steps are regularized (draws seeded by step, so resume agrees)
+    again = Trainer(dict(config, log_path=None, checkpoint_path=None)).fit(progress=False)
+    assert [r["jac_loss"] is not None for r in again if r["split"] == "train"] == applied
+
+
+def test_jacobian_regularization_lowers_the_jacobian(tmp_path):
+    def final(gamma):
+        config = tiny_config(tmp_path / str(gamma), epochs=1, pretrain_steps=0,
+                             eval_jacobian_samples=100, jac_reg_weight=gamma,
+                             log_path=None, checkpoint_path=None)
+        trainer = Trainer(config)
+        return [r for r in trainer.fit(progress=False) if r["split"] == "test"][-1]
+
+    plain, regularized = final(0.0), final(10.0)
+    assert plain.get("jac_frobenius") and regularized["jac_frobenius"] < 0.7 * plain["jac_frobenius"]
+    assert regularized["spectral_radius"] < plain["spectral_radius"]
+
+
+def test_jacobian_regularization_config_errors():
+    with pytest.raises(ValueError, match="jac_reg_prob must lie in"):
+        TrainConfig(jac_reg_prob=1.5)
+    with pytest.raises(ValueError, match="jac_reg_weight"):
+        TrainConfig(jac_reg_weight=-1.0)
+    with pytest.raises(KeyError, match="Did you mean 'jac_reg_weight'"):
+        TrainConfig.from_dict({"jac_reg_weigth": 1.0})
