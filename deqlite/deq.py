@@ -39,11 +39,19 @@ from torch import nn
 
 from ._validate import check_options, check_range, check_stop, check_tensor, lookup
 from .jacobian import hutchinson_frobenius
-from .solvers import get_solver
+from .solvers import State, flatten_state, get_solver, unflatten_state
 from .stats import SolverStats
 
 BACKWARDS = ("ift", "unrolled")
 ON_FAIL = ("warn", "raise", "ignore")
+
+
+def _tensors(state) -> list:
+    return [state] if isinstance(state, torch.Tensor) else list(state)
+
+
+def _detach(state):
+    return state.detach() if isinstance(state, torch.Tensor) else [t.detach() for t in state]
 
 
 class DEQConvergenceWarning(RuntimeWarning):
@@ -128,56 +136,59 @@ class DEQ(nn.Module):
             raise DEQConvergenceError(message)
         warnings.warn(message, DEQConvergenceWarning, stacklevel=3)
 
-    def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Return the equilibrium state z* for the batch x (warm-started from z0 if given)."""
+    def fixed_point_map(self, x: torch.Tensor, z0: Optional[State] = None):
+        """``(f, z0_flat, spec)`` for the input x: the map f(z) = cell(z, inject(x)) on flat states
+        (batch, D), the flat starting state, and the spec that ``unflatten_state`` needs to give
+        a state its own shape(s) back (a cell may keep a list of tensors, e.g. one per scale).
+        ``f.injection`` holds inject(x); ``f(z, other_injection)`` applies the cell with another."""
         check_tensor(x, "x")
         injection = self.cell.inject(x)
-        if z0 is None:
-            z0 = self.cell.init_state(injection)
-        else:
-            check_tensor(z0, "z0")
+        z0_flat, spec = flatten_state(self.cell.init_state(injection) if z0 is None else z0, "z0")
+
+        def f(z: torch.Tensor, injection=injection) -> torch.Tensor:
+            return flatten_state(self.cell(unflatten_state(z, spec), injection), check=False)[0]
+
+        f.injection = injection
+        return f, z0_flat, spec
+
+    def forward(self, x: torch.Tensor, z0: Optional[State] = None) -> State:
+        """Return the equilibrium state z* for the batch x (warm-started from z0 if given)."""
+        f, z0, spec = self.fixed_point_map(x, z0)
         self.forward_stats = self.backward_stats = self.jac_loss = None
         check_range(self.pretrain_steps, "pretrain_steps", low=0, integer=True)
         check_range(self.jac_probes, "jac_probes", low=0, integer=True)
-
-        def f(z):
-            return self.cell(z, injection)
-
-        needs_grad = torch.is_grad_enabled() and injection.requires_grad
+        needs_grad = torch.is_grad_enabled() and (
+            any(t.requires_grad for t in _tensors(f.injection))
+            or any(p.requires_grad for p in self.cell.parameters()))
         if self.pretrain_steps:     # warm-up: exactly k applications of f, backprop through them
             z = z0
             for _ in range(self.pretrain_steps):
                 z = f(z)
-            if needs_grad and self.jac_probes:
-                self._jacobian_loss_at(z, injection)
-            return z
-        if needs_grad and self.backward_rule == "unrolled":
+        elif needs_grad and self.backward_rule == "unrolled":
             z, self.forward_stats = self._run(self.forward_solve, f, z0)
             self._check(self.forward_stats, "forward")
-            if self.jac_probes:
-                self._jacobian_loss_at(z, injection)
-            return z
+        else:
+            with torch.no_grad():
+                z, self.forward_stats = self._run(self.forward_solve, f, z0)
+            self._check(self.forward_stats, "forward")
+            if needs_grad:
+                z = self._attach_ift(z, f)
+        if needs_grad and self.jac_probes:
+            self._jacobian_loss_at(z, f)
+        return unflatten_state(z, spec)
 
-        with torch.no_grad():
-            z_star, self.forward_stats = self._run(self.forward_solve, f, z0)
-        self._check(self.forward_stats, "forward")
-        if not needs_grad:
-            return z_star
-        return self._attach_ift(z_star, injection)
-
-    def _jacobian_loss_at(self, z: torch.Tensor, injection: torch.Tensor) -> None:
-        """jac_loss = batch mean of the Hutchinson estimate of ‖J‖²_F / d at z (z held fixed)."""
+    def _jacobian_loss_at(self, z: torch.Tensor, f) -> None:
+        """jac_loss = batch mean of the Hutchinson estimate of ‖J‖²_F / d at z (z held fixed).
+        Its own application of f: the backward pass must not free the adjoint's graph."""
         z_in = z.detach().requires_grad_()
-        self.jac_loss = hutchinson_frobenius(self.cell(z_in, injection), z_in,
-                                             n_probes=self.jac_probes, create_graph=True).mean()
+        self.jac_loss = hutchinson_frobenius(f(z_in), z_in, n_probes=self.jac_probes,
+                                             create_graph=True).mean()
 
-    def _attach_ift(self, z_star: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
+    def _attach_ift(self, z_star: torch.Tensor, f) -> torch.Tensor:
         """z = f(z*, x) with a graph to x and θ, and a hook turning ∂ℓ/∂z into the adjoint g."""
-        z = self.cell(z_star, injection)
+        z = f(z_star)
         z_in = z_star.detach().requires_grad_()
-        f_in = self.cell(z_in, injection.detach())          # graph of f in z alone, for Jᵀ y
-        if self.jac_probes:     # its own application of f: backward must not free f_in's graph
-            self._jacobian_loss_at(z_star, injection)
+        f_in = f(z_in, _detach(f.injection))                # graph of f in z alone, for Jᵀ y
 
         def adjoint_hook(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             if grad is None:                                 # undefined gradient: nothing to solve

@@ -27,6 +27,7 @@ from torch import nn
 from .deq import DEQ
 from .jacobian import exact_jacobian, hutchinson_frobenius, ritz_values
 from .plots import plot_residuals
+from .solvers import flatten_state
 from .stats import SolverStats
 
 EXACT_LIMIT = 256          # states up to this size get the exact Jacobian
@@ -45,8 +46,9 @@ def find_deq(model: nn.Module) -> DEQ:
 
 @torch.no_grad()
 def equilibrium(model: nn.Module, inputs: torch.Tensor):
-    """Run `model` on `inputs` and return ``(deq, f, z)``: its DEQ, the map z ↦ f(z, x) for the
-    DEQ's own input x (captured with a forward hook), and the state the solve returned."""
+    """Run `model` on `inputs` and return ``(deq, f, z)``: its DEQ, the fixed-point map
+    z ↦ f(z, x) on flat states (batch, D) for the DEQ's own input x (captured with a forward
+    hook), and the flat state the solve returned."""
     deq = find_deq(model)
     seen = {}
 
@@ -58,8 +60,8 @@ def equilibrium(model: nn.Module, inputs: torch.Tensor):
         model(inputs)
     finally:
         handle.remove()
-    injection = deq.cell.inject(seen["x"])
-    return deq, (lambda z: deq.cell(z, injection)), seen["z"]
+    f, _, _ = deq.fixed_point_map(seen["x"])
+    return deq, f, flatten_state(seen["z"])[0]
 
 
 @dataclass

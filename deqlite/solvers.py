@@ -6,7 +6,10 @@ Every solver has one signature,
 
 and the same batch conventions:
 
-* z0 has shape (batch, ...); f maps a tensor of that shape to one of the same shape.
+* z0 has shape (batch, ...); f maps a tensor of that shape to one of the same shape. A state may
+  also be a list of tensors with a common batch size (a multiscale DEQ keeps one feature map per
+  resolution): the solvers work on the flat concatenation (batch, D) (``flatten_state``) and f
+  sees and returns lists (``unflatten_state``).
 * Convergence is judged per sample: a sample is done when its residual (``stop="rel"``:
   ‖f(z) − z‖ / ‖f(z)‖, ``stop="abs"``: ‖f(z) − z‖) is at most ``tol``. A sample that is done stops
   changing; the loop ends when every sample is done or after ``max_iter`` evaluations of f.
@@ -26,8 +29,9 @@ backpropagates through the iterations; no tensor is modified in place.
 """
 from __future__ import annotations
 
+import math
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -35,28 +39,65 @@ from ._validate import check_options, check_range, check_stop, check_tensor, loo
 from .stats import EPS, SolverStats
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+State = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def flatten_state(state: State, name: str = "z", *, check: bool = True) -> tuple[torch.Tensor, Any]:
+    """``(flat, spec)``: a tensor state as (batch, D), or a list of tensors (one batch size) as
+    the concatenation of their flattened entries; ``spec`` remembers how to undo it.
+    ``check``: also require floating-point, finite values (off for f's outputs, which the
+    solvers check themselves)."""
+    if isinstance(state, torch.Tensor):
+        if check:
+            check_tensor(state, name)
+        return state.flatten(1), tuple(state.shape[1:])
+    if not isinstance(state, (list, tuple)) or not state or \
+            not all(isinstance(t, torch.Tensor) for t in state):
+        raise TypeError(f"{name} must be a tensor or a non-empty list of tensors, got "
+                        f"{type(state).__name__}.")
+    for i, t in enumerate(state):
+        if check:
+            check_tensor(t, f"{name}[{i}]")
+    batch, dtype = state[0].shape[0], state[0].dtype
+    if any(t.shape[0] != batch or t.dtype != dtype or t.device != state[0].device for t in state):
+        raise ValueError(f"the tensors of {name} must share batch size, dtype and device; got "
+                         + ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in state) + ".")
+    return torch.cat([t.flatten(1) for t in state], dim=1), [tuple(t.shape[1:]) for t in state]
+
+
+def unflatten_state(flat: torch.Tensor, spec: Any) -> State:
+    """Inverse of ``flatten_state``: (batch, D) back to the state's own shape(s)."""
+    if isinstance(spec, tuple):
+        return flat.reshape(flat.shape[0], *spec)
+    sizes = [math.prod(s) for s in spec]
+    return [part.reshape(flat.shape[0], *s) for part, s in zip(flat.split(sizes, dim=1), spec)]
+
+
+def _is_state(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) or (isinstance(x, (list, tuple)) and len(x) > 0
+                                           and all(isinstance(t, torch.Tensor) for t in x))
 
 
 class _Tracker:
     """Bookkeeping every solver shares: counts evaluations, records residuals, judges
     convergence per sample and keeps the best iterate of each sample."""
 
-    def __init__(self, name: str, f, z0: torch.Tensor, tol, max_iter, stop, callback):
-        check_tensor(z0, "z0")
+    def __init__(self, name: str, f, z0: State, tol, max_iter, stop, callback):
+        self.z0, self.spec = flatten_state(z0, "z0")          # (batch, D) and how to undo it
         check_range(tol, "tol", low=0)
         check_range(max_iter, "max_iter", low=1, integer=True)
         check_stop(stop)
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(iteration, abs_res, rel_res).")
         self.name, self.f, self.tol, self.stop, self.callback = name, f, tol, stop, callback
-        self.shape = z0.shape
-        batch = z0.shape[0]
+        batch = self.z0.shape[0]
+        z0 = self.z0
         self.nfe = 0
         self.abs_trace: list[torch.Tensor] = []
         self.rel_trace: list[torch.Tensor] = []
         self.done = torch.zeros(batch, dtype=torch.bool, device=z0.device)    # converged
         self.failed = torch.zeros_like(self.done)                              # went non-finite
-        self.best_z = z0.flatten(1)
+        self.best_z = z0
         self.best_abs = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
         self.best_rel = torch.full_like(self.best_abs, float("inf"))
         self.start = time.perf_counter()
@@ -72,12 +113,13 @@ class _Tracker:
     def evaluate(self, z: torch.Tensor) -> torch.Tensor:
         """f at the flat iterate z (batch, D): record its residual, update the per-sample
         bookkeeping, and return f(z) flattened."""
-        fz = self.f(z.view(self.shape))
-        if not isinstance(fz, torch.Tensor) or fz.shape != self.shape:
-            got = tuple(fz.shape) if isinstance(fz, torch.Tensor) else type(fz).__name__
-            raise ValueError(f"f returned {got} for a state of shape {tuple(self.shape)}: a fixed-point "
-                             f"map must return a state of the same shape as its input.")
-        fz = fz.flatten(1)
+        fz = self.f(unflatten_state(z, self.spec))
+        fz, spec = flatten_state(fz, "f(z)", check=False) if _is_state(fz) else (fz, None)
+        if spec != self.spec:
+            got = spec if spec is not None else type(fz).__name__
+            raise ValueError(f"f returned a state of shape {got} (batch dimension left out) for a "
+                             f"state of shape {self.spec}: a fixed-point map must return a state "
+                             f"of the same shape as its input.")
         self.nfe += 1
         with torch.no_grad():
             r_abs = (fz - z).norm(dim=1)
@@ -105,7 +147,7 @@ class _Tracker:
             converged=self.done.clone(), final_abs=self.best_abs.detach(),
             final_rel=self.best_rel.detach(), tol=self.tol, stop=self.stop,
             wall_time=time.perf_counter() - self.start)
-        return self.best_z.view(self.shape), stats
+        return unflatten_state(self.best_z, self.spec), stats
 
 
 def forward_iteration(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
@@ -119,7 +161,7 @@ def forward_iteration(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str
     """
     check_range(damping, "damping", low=0, high=1, low_open=True)
     tr = _Tracker("forward_iteration", f, z0, tol, max_iter, stop, callback)
-    z = z0.flatten(1)
+    z = tr.z0
     fz = tr.evaluate(z)
     while tr.nfe < max_iter and not tr.all_frozen():
         z = torch.where(tr.frozen[:, None], z, z + damping * (fz - z))
@@ -163,7 +205,7 @@ def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     check_range(beta, "beta", low=0, high=1, low_open=True)
     check_range(lam, "lam", low=0)
     tr = _Tracker("anderson", f, z0, tol, max_iter, stop, callback)
-    x = z0.flatten(1)
+    x = tr.z0
     batch, dim = x.shape
     X, F, G = (x.new_zeros(batch, m, dim) for _ in range(3))          # ring buffers
     gram = torch.zeros(batch, m, m, dtype=torch.float64, device=x.device)
@@ -210,7 +252,7 @@ def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     """
     check_range(memory, "memory", low=1, integer=True)
     tr = _Tracker("broyden", f, z0, tol, max_iter, stop, callback)
-    z = z0.flatten(1)
+    z = tr.z0
     memory = min(memory, max_iter)
     U, V = z.new_zeros(z.shape[0], memory, z.shape[1]), z.new_zeros(z.shape[0], memory, z.shape[1])
     n = 0                                                 # pairs in use: B = −I + U[:n]ᵀ V[:n]

@@ -139,8 +139,12 @@ def test_bad_inputs_raise_clear_errors():
         solve(f, torch.tensor(1.0))
     with pytest.raises(ValueError, match="same shape"):
         solve(lambda z: z[:, :2], torch.zeros(2, 3))
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match="a tensor or a non-empty list of tensors"):
         solve(f, [[0.0]])
+    with pytest.raises(ValueError, match="share batch size"):
+        solve(lambda z: z, [torch.zeros(2, 3), torch.zeros(3, 3)])
+    with pytest.raises(ValueError, match="same shape"):
+        solve(lambda z: z[:1], [torch.zeros(2, 3), torch.zeros(2, 4, 4)])
 
 
 def test_unknown_options_and_names_are_errors():
@@ -165,3 +169,26 @@ def test_unknown_options_and_names_are_errors():
 def test_option_values_are_validated(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         solve(lambda z: z * 0.5, torch.zeros(2, 3), **kwargs)
+
+
+@pytest.mark.parametrize("solver", ["forward_iteration", "anderson", "broyden"])
+def test_a_list_state_solves_like_its_concatenation(solver):
+    """A multiscale state (one tensor per resolution) is solved on its flat concatenation."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3 * 8 + 2 * 4 * 4, 3 * 8 + 2 * 4 * 4, generator=g, dtype=torch.float64)
+    A *= 0.8 / torch.linalg.matrix_norm(A, ord=2)
+    u = torch.randn(5, A.shape[0], generator=g, dtype=torch.float64)
+    flat_f = lambda z: torch.tanh(z @ A.T + u)                       # noqa: E731
+
+    def list_f(state):
+        small, big = state
+        out = flat_f(torch.cat([small.flatten(1), big.flatten(1)], 1))
+        return [out[:, :24].reshape(5, 3, 8), out[:, 24:].reshape(5, 2, 4, 4)]
+
+    z0 = [torch.zeros(5, 3, 8, dtype=torch.float64), torch.zeros(5, 2, 4, 4, dtype=torch.float64)]
+    (small, big), stats = solve(list_f, z0, solver=solver, tol=1e-10, max_iter=300)
+    flat, flat_stats = solve(flat_f, torch.zeros(5, A.shape[0], dtype=torch.float64),
+                             solver=solver, tol=1e-10, max_iter=300)
+    assert small.shape == (5, 3, 8) and big.shape == (5, 2, 4, 4)
+    assert stats.nfe == flat_stats.nfe and stats.all_converged
+    assert torch.allclose(torch.cat([small.flatten(1), big.flatten(1)], 1), flat, atol=1e-12)
