@@ -23,7 +23,8 @@ equilibrium solve.
 
 Jacobian regularization (Bai, Koltun, Kolter, ICML 2021): with ``deq.jac_probes = M > 0``, a
 forward pass that builds a graph also sets ``deq.jac_loss``, the batch mean of the Hutchinson
-estimate of ‖J_f(z*)‖²_F / d from M probes (``deqlite.jacobian``), differentiable in the
+estimate of ‖J_f(z*)‖²_F / d from M probes (``deqlite.jacobian``; ``deq.jac_probe_kind`` is
+``"gaussian"`` or ``"rademacher"``), differentiable in the
 parameters with z* held fixed; add ``γ · deq.jac_loss`` to the loss. Otherwise ``jac_loss`` is None.
 
 After each call, ``deq.forward_stats`` holds the forward solve's ``SolverStats`` and, once
@@ -107,6 +108,7 @@ class DEQ(nn.Module):
         self.backward_stats: Optional[SolverStats] = None
         self.pretrain_steps = 0
         self.jac_probes = 0
+        self.jac_probe_kind = "gaussian"
         self.jac_loss: Optional[torch.Tensor] = None
 
     @staticmethod
@@ -182,7 +184,7 @@ class DEQ(nn.Module):
         Its own application of f: the backward pass must not free the adjoint's graph."""
         z_in = z.detach().requires_grad_()
         self.jac_loss = hutchinson_frobenius(f(z_in), z_in, n_probes=self.jac_probes,
-                                             create_graph=True).mean()
+                                             kind=self.jac_probe_kind, create_graph=True).mean()
 
     def _attach_ift(self, z_star: torch.Tensor, f) -> torch.Tensor:
         """z = f(z*, x) with a graph to x and θ, and a hook turning ∂ℓ/∂z into the adjoint g."""
