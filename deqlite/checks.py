@@ -328,3 +328,51 @@ def check_power_method(fn: Callable) -> bool:
             raise CheckFailed(f"power_method on a symmetric 8×8 matrix with largest |λ| = {abs(top)} "
                               f"(λ = {top}) returned {got:.6g}. {hint}")
     return _passed("power_method", "finds |λ_max| of 3 symmetric matrices (one with λ_max < 0)")
+
+
+# ---------------------------------------------------------------- notebook 06
+
+def check_fuse_two(fn: Callable) -> bool:
+    """fn(b0, b1, down, up) -> [f0, f1]: two-branch multiscale fusion,
+    f0 = b0 + nearest-upsample(up(b1)) to b0's size, f1 = b1 + down(b0)."""
+    import torch.nn.functional as F
+    from torch import nn
+    for seed, size in [(0, 8), (1, 7)]:                 # an odd size: 7 → 4 → back to 7
+        torch.manual_seed(seed)
+        b0 = torch.randn(2, 4, size, size, dtype=DT)
+        b1 = torch.randn(2, 6, (size + 1) // 2, (size + 1) // 2, dtype=DT)
+        down = nn.Conv2d(4, 6, 3, stride=2, padding=1).double()
+        up = nn.Conv2d(6, 4, 1).double()
+        expected = [b0 + F.interpolate(up(b1), size=b0.shape[-2:], mode="nearest"), b1 + down(b0)]
+        got = _call(fn, "fuse_two", b0, b1, down, up)
+        if not isinstance(got, (list, tuple)) or len(got) != 2:
+            raise CheckFailed(f"fuse_two should return a list [f0, f1] of two feature maps, got "
+                              f"{type(got).__name__}.")
+        hint = ("f0 keeps b0 and adds the low-resolution branch brought up: up(b1) (a 1×1 conv to "
+                "b0's channels), then F.interpolate(..., size=b0.shape[-2:], mode='nearest') — "
+                "`size=`, not scale_factor=2, so odd sizes work; f1 keeps b1 and adds down(b0).")
+        for i in range(2):
+            _compare(got[i], expected[i], f"fuse_two output f{i} (branch-0 size {size}×{size})",
+                     hint, rtol=1e-10, atol=1e-12)
+    return _passed("fuse_two", "both outputs right, for even and odd resolutions")
+
+
+def check_state_numel(fn: Callable) -> bool:
+    """fn(channels, height, width) -> entries of one sample's multiscale state, branch i at
+    ⌈H/2^i⌉ × ⌈W/2^i⌉ (each stride-2 conv maps a side s to ⌈s/2⌉)."""
+    def reference(channels, h, w):
+        total = 0
+        for c in channels:
+            total += c * h * w
+            h, w = -(-h // 2), -(-w // 2)
+        return total
+
+    for channels, h, w in [([24, 24], 32, 32), ([32, 64, 128, 256], 56, 56), ([4, 8, 16], 7, 9)]:
+        got = _call(fn, "state_numel", list(channels), h, w)
+        expected = reference(channels, h, w)
+        if int(got) != expected:
+            raise CheckFailed(
+                f"state_numel({channels}, {h}, {w}): expected {expected}, got {got}. Branch i has "
+                f"channels[i] maps of size ⌈H/2^i⌉ × ⌈W/2^i⌉: halve the sides *rounding up* after "
+                f"each branch (-(-h // 2) in Python), starting from the full size for branch 0.")
+    return _passed("state_numel", "right for 3 multiscale states, odd sizes included")

@@ -105,6 +105,35 @@ def power_method(matvec, v, n_iter, signed=False, normalize=True):
     return rayleigh if signed else rayleigh.abs()
 
 
+def fuse_two(b0, b1, down, up, mode="nearest", scale_factor=False, residual=True):
+    import torch.nn.functional as F
+    size = dict(scale_factor=2) if scale_factor else dict(size=b0.shape[-2:])
+    return [(b0 if residual else 0) + F.interpolate(up(b1), mode=mode, **size),
+            (b1 if residual else 0) + down(b0)]
+
+
+def state_numel(channels, h, w, round_up=True):
+    total = 0
+    for c in channels:
+        total += c * h * w
+        h, w = (-(-h // 2), -(-w // 2)) if round_up else (h // 2, w // 2)
+    return total
+
+
+CASES_06 = [
+    (checks.check_fuse_two, fuse_two, [
+        lambda *a: fuse_two(*a, scale_factor=True),       # breaks on odd sizes
+        lambda *a: fuse_two(*a, mode="bilinear"),         # not the nearest-neighbour convention
+        lambda *a: fuse_two(*a, residual=False),          # forgets each branch's own features
+        lambda *a: fuse_two(*a)[::-1],                    # outputs swapped
+    ]),
+    (checks.check_state_numel, state_numel, [
+        lambda c, h, w: state_numel(c, h, w, round_up=False),
+        lambda c, h, w: sum(c) * h * w,                   # every branch at full resolution
+        lambda c, h, w: state_numel([1] * len(c), h, w),  # forgets the channels
+    ]),
+]
+
 CASES_05 = [
     (checks.check_hutchinson, hutchinson, [
         lambda f_z, z, p: hutchinson(f_z, z, p, create_graph=False),   # no graph: cannot train
@@ -170,7 +199,7 @@ CASES = [
         lambda h: nfe_by_epoch(h, include_test=True),
         lambda h: {r["epoch"]: r["fwd_nfe"] for r in h if r["split"] == "train"},  # last, not mean
     ]),
-] + CASES_05
+] + CASES_05 + CASES_06
 
 
 @pytest.mark.parametrize("check, right, wrongs", CASES, ids=[c[0].__name__ for c in CASES])
