@@ -11,8 +11,28 @@ Every cell has two methods:
 * ``forward(z, injection)``: one application of the layer, called at every solver iteration;
 
 and ``init_state(injection)``, the starting point z0 of a solve (zeros).
+
+The cells: ``MLPCell`` (vectors), ``ConvCell`` (feature maps at one resolution) and
+``MultiscaleCell`` (MDEQ: feature maps at several resolutions, a state that is a list). The two
+convolutional cells are built from MDEQ's residual block (Bai, Koltun, Kolter, "Multiscale Deep
+Equilibrium Models", NeurIPS 2020) with three ingredients that keep a weight-tied conv layer
+trainable as an equilibrium model:
+
+* GroupNorm (Wu & He 2018), never BatchNorm: it normalizes each sample on its own, so the samples
+  of a batch stay independent (the solvers judge convergence per sample, and a sample's
+  equilibrium must not depend on its batch mates).
+* Weight normalization (Salimans & Kingma 2016), W = g · V / ‖V‖ per output channel, on the
+  convolutions applied at every iteration (torch's ``parametrizations.weight_norm``).
+* Variational dropout (Gal & Ghahramani 2016): ONE dropout mask per input, the same at every
+  solver iteration, so that f stays one fixed map whose equilibrium exists (a fresh mask per call
+  would change f between iterations). The mask drops whole channels, m ∈ {0, 1/(1−p)} of shape
+  (batch, channels, 1, 1), as in MDEQ. It is drawn in ``inject`` (once per input) in training
+  mode only and travels in the injection list: ``inject`` returns ``[u, m_0, m_1, ...]`` in
+  training mode with dropout, ``[u]`` otherwise (eval mode, or p = 0).
 """
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -73,3 +93,236 @@ class MLPCell(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_hidden={self.d_hidden}"
+
+
+def _wn(conv: nn.Conv2d, enabled: bool) -> nn.Conv2d:
+    """``conv`` with weight normalization on its weight (one g per output channel) if enabled."""
+    return nn.utils.parametrizations.weight_norm(conv, dim=0) if enabled else conv
+
+
+def _check_channels(channels: int, groups: int, name: str) -> None:
+    check_range(channels, name, low=1, integer=True)
+    if channels % groups:
+        raise ValueError(f"{name}={channels} is not divisible by groups={groups} (GroupNorm splits "
+                         f"the channels into equal groups); pick channels that are multiples of "
+                         f"{groups}, or another number of groups.")
+
+
+def _check_images(x: torch.Tensor, in_channels: int, cell: str) -> None:
+    check_tensor(x, "x")
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"{cell}(in_channels={in_channels}) expects x of shape (batch, "
+                         f"{in_channels}, height, width), got {tuple(x.shape)}.")
+
+
+def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """A variational (channel) dropout mask for feature maps shaped like ``like`` (N, C, H, W):
+    shape (N, C, 1, 1), entries 0 with probability p and 1/(1−p) otherwise, so E[m] = 1."""
+    keep = torch.full((like.shape[0], like.shape[1], 1, 1), 1 - p, dtype=like.dtype,
+                      device=like.device)
+    return torch.bernoulli(keep) / (1 - p)
+
+
+class ResidualBlock(nn.Module):
+    """MDEQ's residual block, one weight-tied layer on feature maps with C channels:
+
+        y = ReLU(GN(conv₁ z))              3×3 conv, C → e·C channels (e = ``expansion``)
+        y = GN(m ⊙ conv₂ y + u)            3×3 conv back to C; m: dropout mask, u: injection
+        out = GN(ReLU(y + z))              residual connection, then a normalization
+
+    ``u`` and ``m`` are optional (a branch without injection, or no dropout). conv₁ and conv₂
+    carry weight normalization when ``weight_norm`` is true.
+    """
+
+    def __init__(self, channels: int, *, expansion: int = 5, groups: int = 8,
+                 weight_norm: bool = True):
+        super().__init__()
+        check_range(expansion, "expansion", low=1, integer=True)
+        check_range(groups, "groups", low=1, integer=True)
+        _check_channels(channels, groups, "channels")
+        inner = expansion * channels
+        self.conv1 = _wn(nn.Conv2d(channels, inner, 3, padding=1, bias=False), weight_norm)
+        self.norm1 = nn.GroupNorm(groups, inner)
+        self.conv2 = _wn(nn.Conv2d(inner, channels, 3, padding=1, bias=False), weight_norm)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.norm3 = nn.GroupNorm(groups, channels)
+
+    def forward(self, z: torch.Tensor, injection: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = torch.relu(self.norm1(self.conv1(z)))
+        y = self.conv2(y)
+        if mask is not None:
+            y = y * mask
+        if injection is not None:
+            y = y + injection
+        return self.norm3(torch.relu(self.norm2(y) + z))
+
+
+class ConvCell(nn.Module):
+    """A convolutional DEQ cell on one resolution: f(z, x) = ResidualBlock(z; u = conv(x)).
+
+    The injection u is a 3×3 convolution of the input x (batch, in_channels, H, W), computed
+    once per input; the state z has shape (batch, channels, H, W) and starts at zero.
+
+    Args:
+        in_channels: channels of x.
+        channels: channels of the state z.
+        expansion: the block's inner width is ``expansion · channels``.
+        groups: GroupNorm groups (``channels`` and the inner width must be multiples).
+        dropout: variational dropout rate p in [0, 1) (see the module docstring).
+        weight_norm: weight-normalize the block's two convolutions.
+    """
+
+    def __init__(self, in_channels: int, channels: int, *, expansion: int = 5, groups: int = 8,
+                 dropout: float = 0.0, weight_norm: bool = True):
+        super().__init__()
+        check_range(in_channels, "in_channels", low=1, integer=True)
+        check_range(dropout, "dropout", low=0, high=1)
+        if dropout == 1:
+            raise ValueError("dropout must be below 1 (a rate of 1 drops every channel).")
+        self.in_channels, self.channels, self.dropout = in_channels, channels, dropout
+        self.block = ResidualBlock(channels, expansion=expansion, groups=groups,
+                                   weight_norm=weight_norm)
+        self.injection = nn.Conv2d(in_channels, channels, 3, padding=1)
+
+    def inject(self, x: torch.Tensor) -> list:
+        """``[u]`` with u = conv(x), plus the dropout mask ``[u, m]`` in training mode."""
+        _check_images(x, self.in_channels, "ConvCell")
+        u = self.injection(x)
+        return [u, dropout_mask(u, self.dropout)] if self.training and self.dropout else [u]
+
+    def init_state(self, injection: list) -> torch.Tensor:
+        """z0 = 0, shaped like u: (batch, channels, H, W)."""
+        return torch.zeros_like(injection[0])
+
+    def forward(self, z: torch.Tensor, injection: list) -> torch.Tensor:
+        u, *mask = injection
+        if z.shape != u.shape:
+            raise ValueError(f"state z has shape {tuple(z.shape)} but the injection has shape "
+                             f"{tuple(u.shape)}; they must match.")
+        return self.block(z, u, mask[0] if mask else None)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, channels={self.channels}, dropout={self.dropout}"
+
+
+def _downsample(c_in: int, c_out: int, steps: int, groups: int) -> nn.Sequential:
+    """Branch j → branch i > j: ``steps`` = i − j strided 3×3 convs (each halves H and W), each
+    followed by GroupNorm, with a ReLU between them; the last one maps to c_out channels."""
+    layers = []
+    for k in range(steps):
+        last = k == steps - 1
+        layers += [nn.Conv2d(c_in, c_out if last else c_in, 3, stride=2, padding=1, bias=False),
+                   nn.GroupNorm(groups, c_out if last else c_in)]
+        if not last:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class MultiscaleCell(nn.Module):
+    """MDEQ's cell (Bai, Koltun, Kolter, NeurIPS 2020): a state of n feature maps, branch i with
+    ``channels[i]`` channels at resolution H/2^i (rounded up), all driven to equilibrium together.
+
+    One application f(z, x) = [f_0, ..., f_{n−1}] has two steps:
+
+    1. per resolution, a residual block:  b_i = ResidualBlock_i(z_i; u if i = 0),
+       with the injection u = 1×1 conv(x) entering the highest resolution only (as in MDEQ);
+    2. multiscale fusion, every branch receiving every other:
+
+           f_i = GN(conv_1×1(ReLU(Σ_j F_ij(b_j))))
+
+       with F_ii = identity, F_ij for j < i: (i − j) strided 3×3 convs (downsampling), and
+       F_ij for j > i: a 1×1 conv then nearest-neighbour upsampling to branch i's size.
+       (The last GroupNorm has ⌊groups/2⌋ groups and no affine parameters, as in the locuslab
+       configs.)
+
+    The blocks' convolutions and the fusion's 1×1 convs carry weight normalization; each branch
+    has its own variational dropout mask, drawn in ``inject``: the injection list is
+    ``[u, m_0, ..., m_{n−1}]`` in training mode with dropout, ``[u]`` otherwise.
+
+    Args:
+        in_channels: channels of x (batch, in_channels, H, W).
+        channels: channels of each branch, highest resolution first, e.g. (32, 64, 128, 256).
+        expansion, groups, dropout, weight_norm: as for ``ConvCell``, for every branch.
+    """
+
+    def __init__(self, in_channels: int, channels: Sequence[int], *, expansion: int = 5,
+                 groups: int = 8, dropout: float = 0.0, weight_norm: bool = True):
+        super().__init__()
+        check_range(in_channels, "in_channels", low=1, integer=True)
+        check_range(groups, "groups", low=1, integer=True)
+        check_range(dropout, "dropout", low=0, high=1)
+        if dropout == 1:
+            raise ValueError("dropout must be below 1 (a rate of 1 drops every channel).")
+        if isinstance(channels, int) or not channels:
+            raise TypeError(f"channels must be a non-empty list of integers, one per branch "
+                            f"(e.g. [32, 64]), got {channels!r}.")
+        channels = list(channels)
+        post_groups = max(1, groups // 2)
+        for i, c in enumerate(channels):
+            _check_channels(c, groups, f"channels[{i}]")
+            _check_channels(c, post_groups, f"channels[{i}]")
+        self.in_channels, self.channels, self.dropout = in_channels, channels, dropout
+        n = len(channels)
+        self.injection = nn.Conv2d(in_channels, channels[0], 1)
+        self.branches = nn.ModuleList(
+            ResidualBlock(c, expansion=expansion, groups=groups, weight_norm=weight_norm)
+            for c in channels)
+        self.fuse = nn.ModuleList(nn.ModuleList(
+            nn.Identity() if i == j
+            else _downsample(channels[j], channels[i], i - j, groups) if j < i
+            else nn.Sequential(nn.Conv2d(channels[j], channels[i], 1, bias=False),
+                               nn.GroupNorm(groups, channels[i]))
+            for j in range(n)) for i in range(n))
+        self.post_fuse = nn.ModuleList(nn.Sequential(
+            nn.ReLU(), _wn(nn.Conv2d(c, c, 1, bias=False), weight_norm),
+            nn.GroupNorm(post_groups, c, affine=False)) for c in channels)
+
+    def inject(self, x: torch.Tensor) -> list:
+        """``[u]`` with u = 1×1 conv(x) for branch 0, plus one dropout mask per branch in
+        training mode: ``[u, m_0, ..., m_{n−1}]``."""
+        _check_images(x, self.in_channels, "MultiscaleCell")
+        u = self.injection(x)
+        if not (self.training and self.dropout):
+            return [u]
+        masks = [dropout_mask(u.new_empty(u.shape[0], c, 1, 1), self.dropout)
+                 for c in self.channels]
+        return [u, *masks]
+
+    def state_shapes(self, height: int, width: int) -> list:
+        """(channels, H_i, W_i) of each branch for a branch-0 size (height, width): a stride-2
+        3×3 conv maps a side s to ⌈s/2⌉."""
+        shapes = []
+        for c in self.channels:
+            shapes.append((c, height, width))
+            height, width = -(-height // 2), -(-width // 2)
+        return shapes
+
+    def init_state(self, injection: list) -> list:
+        """z0 = zeros at every resolution."""
+        u = injection[0]
+        return [u.new_zeros(u.shape[0], *shape) for shape in self.state_shapes(*u.shape[-2:])]
+
+    def forward(self, z: list, injection: list) -> list:
+        u, *masks = injection
+        n = len(self.channels)
+        if not isinstance(z, (list, tuple)) or len(z) != n:
+            raise ValueError(f"MultiscaleCell with {n} branches expects a state list of {n} "
+                             f"feature maps, got {type(z).__name__} of length "
+                             f"{len(z) if isinstance(z, (list, tuple)) else '-'}.")
+        b = [branch(z_i, u if i == 0 else None, masks[i] if masks else None)
+             for i, (branch, z_i) in enumerate(zip(self.branches, z))]
+        out = []
+        for i in range(n):
+            total = b[i]
+            for j in range(n):
+                if j > i:           # lower resolution: 1×1 conv, then upsample to branch i's size
+                    total = total + nn.functional.interpolate(self.fuse[i][j](b[j]),
+                                                              size=b[i].shape[-2:], mode="nearest")
+                elif j < i:         # higher resolution: strided convs
+                    total = total + self.fuse[i][j](b[j])
+            out.append(self.post_fuse[i](total))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, channels={self.channels}, dropout={self.dropout}"
