@@ -1,5 +1,5 @@
 """One training loop for every task: data, optimizer and schedule, progress bar, metrics, a JSONL
-log, atomic checkpoints and exact resume.
+log, atomic checkpoints and exact resume; on one CPU, one GPU, or many GPUs and machines.
 
 Each step minimises the cross-entropy of the model on a batch. For a DEQ model the loop also
 records the solver's effort: forward NFE (solving z* = f(z*, x)), backward NFE (solving the adjoint
@@ -9,40 +9,88 @@ the cell unrolled ``pretrain_depth`` times (as the DEQ papers do) before the equ
 Jacobian regularization (Bai, Koltun, Kolter 2021): with ``jac_reg_weight = γ > 0`` the loss of a
 step becomes  cross-entropy + γ_t · ‖J_f(z*)‖²_F / d  (Hutchinson, ``jac_reg_probes`` probes),
 applied on each step with probability ``jac_reg_prob``, with γ_t rising linearly from 0 to γ over
-the first ``jac_reg_ramp_steps`` steps (0: γ from the start). Train records log ``jac_weight``
+the first ``jac_reg_ramp_steps`` steps (0: γ from the start); ``pretrain_jac_reg_weight`` sets
+another γ for the warm-up and ``jac_reg_stop_epoch`` switches it off late in training (both as
+in the MDEQ recipes). Train records log ``jac_weight``
 (γ_t) and ``jac_loss`` (the estimate, when applied); test records log the Jacobian's spectral
 radius ρ(J) and ‖J‖²_F / d at z* on the first ``eval_jacobian_samples`` test examples.
 
-Determinism: the model is initialised from ``seed`` and epoch e visits the data in the order of
-``randperm(seed, e)``, so a run resumed from a checkpoint (model, optimizer, schedule, step and RNG
-state) ends exactly where the uninterrupted run ends.
+At scale (the vision recipes):
+* ``amp="bf16"`` / ``"fp16"``: the model's forward runs under ``torch.autocast`` (fp16 with a
+  gradient scaler); the loss is taken in float32, the weights stay float32. The solver keeps the
+  state's dtype: on CUDA, autocast runs GroupNorm in float32, so cells that end in it (MDEQ's)
+  keep float32 states; a cell whose output is rounded to bf16 (on CPU) cannot get its relative
+  residual much below ~2e-3, so give its DEQ a tol of that order.
+* ``channels_last``: conv weights and input images in NHWC memory layout (faster convs on GPUs).
+* ``grad_clip``: clip the gradient's global norm (the MDEQ recipes do); ``grad_norm`` is logged.
+* ``optimizer_options`` (e.g. SGD's momentum, nesterov), ``lr_min`` (the cosine schedule's floor),
+  ``normalize`` ([mean, std] per channel, for in-memory images; ImageNet's transform has its own).
+* Datasets read from disk (ImageNet) stream through a ``DataLoader`` with ``num_workers`` worker
+  processes (pinned memory on CUDA); the in-memory ones are indexed directly, as before.
+* Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every process trains on its part of
+  each global batch -- ``batch_size`` is the *global* batch, each of W processes gets
+  batch_size / W -- inside ``DistributedDataParallel``, which averages the gradients: the W
+  processes take the step one process would take on the whole batch. NCCL on CUDA (one GPU per
+  process, ``cuda:$LOCAL_RANK``), Gloo on CPU. Logged numbers are combined over the processes
+  (mean loss and accuracy, largest NFE and residual); evaluation is split between them and summed
+  (ρ(J) on rank 0). Only rank 0 writes the log and checkpoints and shows the progress bar.
 
-Headless:  python -m deqlite.train --config mnist [--set epochs=3] [--log runs/mnist.jsonl]
+Determinism and resume: the model is initialised from ``seed``; the examples of step k and their
+random augmentation are a function of (seed, k) (``deqlite.data.TrainBatches``), and the step's
+own random draws (dropout masks, Hutchinson probes) come from torch's generator seeded by
+(seed, k, rank). A checkpoint holds the model, optimizer, schedule, gradient scaler and step, so a
+run resumed from it -- at any step, in-memory or streamed data, with any ``num_workers`` -- ends
+exactly where the uninterrupted run ends, given the same number of processes (on a GPU, up to
+the nondeterminism of some CUDA kernels). With another number of processes it goes on, but not
+bit for bit (each process's draws and the incomplete last batch, dropped with W > 1, differ).
+
+Commands (presets in ``deqlite/configs``; ``--set KEY=VALUE`` overrides any config key):
+
+    python -m deqlite.train --config mnist [--set epochs=3] [--log runs/mnist.jsonl]
+    python -m deqlite.train --config cifar10_mdeq_tiny --set amp=bf16 --set channels_last=true
+    python -m deqlite.train --config cifar10_mdeq_tiny --resume        # go on from runs/NAME.pt
+    # one machine with 4 GPUs, one process each (batch_size stays the global batch):
+    torchrun --standalone --nproc-per-node 4 -m deqlite.train --config imagenet_mdeq_small_jr \
+        --set amp=bf16 --set channels_last=true --set num_workers=8
+    # 2 machines × 4 GPUs: run on both, R = 0 on the machine called HOST and 1 on the other:
+    torchrun --nnodes 2 --node-rank R --nproc-per-node 4 --master-addr HOST --master-port 29500 \
+        -m deqlite.train --config imagenet_mdeq_small_jr --set amp=bf16 --set num_workers=8
+
+Under torchrun spell ``--log`` as ``--log-path`` (torchrun's own parser takes ``--log`` for an
+abbreviation of its options). ImageNet: ``export DEQLITE_DATA=/folder/with/imagenet`` first (see
+``deqlite.data``). With several machines, put the log and checkpoint on a shared file system.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from ._validate import check_range, did_you_mean, lookup
-from .data import load_dataset
+from ._validate import check_range, did_you_mean, keyword_options, lookup
+from .data import (TrainBatches, eval_batches, first_images, image_shape, load_dataset,
+                   num_classes, take)
 from .diagnostics import equilibrium
 from .jacobian import hutchinson_frobenius, spectral_radius
-from .models import build_model
+from .models import MODELS, build_model
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULES = ("cosine", "constant")
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -51,26 +99,37 @@ class TrainConfig:
     dataset: str = "mnist5k"
     data_root: Optional[str] = None
     download: bool = False
-    limit_train: Optional[int] = None      # use only the first N training examples (quick runs)
+    limit_train: Optional[int] = None      # use only N training examples (quick runs; see data.take)
     limit_test: Optional[int] = None
+    augment: bool = False                  # the dataset's standard random augmentation (cifar10, imagenet)
+    normalize: Optional[list] = None       # [mean, std] per channel for in-memory images (x − mean) / std
+    num_workers: int = 0                   # loader processes for datasets read from disk (imagenet)
     model: str = "deq_classifier"
     model_options: dict = field(default_factory=dict)
     epochs: int = 5
     max_steps: Optional[int] = None        # stop early after this many steps in all
-    batch_size: int = 64
+    batch_size: int = 64                   # the global batch, summed over all processes
+    eval_batch_size: int = 500             # per process
     optimizer: str = "adam"
+    optimizer_options: dict = field(default_factory=dict)   # e.g. {"momentum": 0.9, "nesterov": true}
     lr: float = 1e-3
     weight_decay: float = 0.0
     schedule: str = "cosine"
+    lr_min: float = 0.0                    # the cosine schedule decays the learning rate to this
+    grad_clip: Optional[float] = None      # clip the gradient's global norm to this (None: don't)
+    amp: str = "none"                      # autocast the forward: "none", "bf16", "fp16" (+ scaler)
+    channels_last: bool = False            # model and images in torch.channels_last memory layout
     pretrain_steps: int = 0                # warm-up steps with the cell unrolled ...
     pretrain_depth: int = 6                # ... this many times
     jac_reg_weight: float = 0.0            # γ of the Jacobian regularizer (0: off)
     jac_reg_prob: float = 1.0              # apply it on a step with this probability
     jac_reg_probes: int = 1                # Hutchinson probes per step
     jac_reg_ramp_steps: int = 0            # γ rises linearly from 0 over these steps (0: constant)
+    pretrain_jac_reg_weight: Optional[float] = None   # γ during the warm-up (None: as after it)
+    jac_reg_stop_epoch: Optional[int] = None           # no regularizer from this epoch on
     eval_jacobian_samples: int = 100       # test examples for ρ(J), ‖J‖²_F/d at evaluation (0: skip)
     seed: int = 0
-    device: str = "auto"                   # "auto": cuda when available
+    device: str = "auto"                   # "auto": cuda when available (cuda:$LOCAL_RANK under torchrun)
     log_path: Optional[str] = None         # JSONL, one record per step / evaluation
     checkpoint_path: Optional[str] = None
     checkpoint_every: int = 0              # steps; 0: at the end of every epoch
@@ -88,15 +147,94 @@ class TrainConfig:
     def __post_init__(self):
         lookup(OPTIMIZERS, self.optimizer, "optimizer")
         lookup(SCHEDULES, self.schedule, "schedule")
-        for name in ("epochs", "batch_size"):
+        lookup(AMP, self.amp, "amp mode")
+        for name in ("download", "augment", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
             check_range(getattr(self, name), name, low=1, integer=True)
-        for name in ("pretrain_steps", "pretrain_depth", "checkpoint_every", "seed",
+        for name in ("pretrain_steps", "pretrain_depth", "checkpoint_every", "seed", "num_workers",
                      "jac_reg_ramp_steps", "eval_jacobian_samples"):
             check_range(getattr(self, name), name, low=0, integer=True)
         check_range(self.lr, "lr", low=0, low_open=True)
+        check_range(self.lr_min, "lr_min", low=0, high=self.lr)
+        if self.lr_min and self.schedule != "cosine":
+            raise ValueError(f"lr_min applies to the cosine schedule; schedule is {self.schedule!r}.")
+        _check_optimizer_options(self.optimizer, self.optimizer_options)
+        if self.normalize is not None:
+            _check_normalize(self.normalize)
+        if self.grad_clip is not None:
+            check_range(self.grad_clip, "grad_clip", low=0, low_open=True)
         check_range(self.jac_reg_weight, "jac_reg_weight", low=0)
+        if self.pretrain_jac_reg_weight is not None:
+            check_range(self.pretrain_jac_reg_weight, "pretrain_jac_reg_weight", low=0)
+        if self.jac_reg_stop_epoch is not None:
+            check_range(self.jac_reg_stop_epoch, "jac_reg_stop_epoch", low=0, integer=True)
         check_range(self.jac_reg_prob, "jac_reg_prob", low=0, high=1)
         check_range(self.jac_reg_probes, "jac_reg_probes", low=1, integer=True)
+
+
+def _check_optimizer_options(name: str, options: dict) -> None:
+    """The options are keyword arguments of the torch optimizer (lr, weight_decay: own keys)."""
+    if not isinstance(options, dict):
+        raise TypeError(f"optimizer_options must be a dict, got {options!r}.")
+    params = inspect.signature(OPTIMIZERS[name]).parameters
+    valid = [p for p in params if p not in ("self", "params", "lr", "weight_decay")]
+    for key in options:
+        if key in ("lr", "weight_decay"):
+            raise TypeError(f"set {key!r} as the config's own key, not in optimizer_options.")
+        if key not in valid:
+            raise TypeError(f"optimizer {name!r} got an unknown option {key!r}."
+                            f"{did_you_mean(key, valid)} Valid options: {', '.join(valid)}.")
+
+
+def _check_normalize(value) -> None:
+    """[mean, std]: two lists of numbers, one per channel, every std > 0."""
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, (list, tuple)) and v and len(v) == len(value[0]) for v in value)
+          and all(isinstance(x, (int, float)) and not isinstance(x, bool) for v in value for x in v))
+    if not ok or min(value[1]) <= 0:
+        raise ValueError(f"normalize must be [mean, std], two lists with one number per channel "
+                         f"(std > 0), e.g. [[0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]]; "
+                         f"got {value!r}.")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where this process stands in a ``torchrun`` launch (rank 0 of 1 when run alone)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Place":
+        """From an initialised process group, else from torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), local)
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), local)
+
+
+def resolve_device(name: str, place: Place) -> torch.device:
+    """"auto" → cuda when available, else cpu; a CUDA device without index → this process's GPU."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", place.local_rank)
+    return device
+
+
+def init_distributed(place: Place, device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (MASTER_ADDR/PORT,
+    RANK, WORLD_SIZE): NCCL between GPUs, Gloo on CPU. Nothing to do alone or if already joined."""
+    if place.world_size == 1 or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -133,47 +271,102 @@ class Trainer:
 
     ``fit()`` can be interrupted (Ctrl-C / the notebook's stop button) and called again: it goes on
     from the step it reached, after saving a checkpoint if ``checkpoint_path`` is set.
+    Under torchrun, build one Trainer in every process (``python -m deqlite.train`` does).
     """
 
     def __init__(self, config: TrainConfig | dict):
         self.config = c = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+        self.place = Place.from_env()
+        self.device = resolve_device(c.device, self.place)
+        init_distributed(self.place, self.device)
         torch.manual_seed(c.seed)
-        self.device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if c.device == "auto" else c.device))
-        self.train_set = self._load("train", c.limit_train)
-        self.test_set = self._load("test", c.limit_test)
-        x0 = self.train_set.tensors[0]
-        options = dict(in_channels=x0.shape[1], image_size=x0.shape[-1], **c.model_options)
-        self.model = build_model(c.model, **options).to(self.device)
+        self.train_set, n_classes = self._load("train", c.limit_train, c.augment)
+        self.test_set, _ = self._load("test", c.limit_test, False)
+        self.batches = TrainBatches(self.train_set, c.batch_size, seed=c.seed, rank=self.place.rank,
+                                    world_size=self.place.world_size, num_workers=c.num_workers,
+                                    pin_memory=self.device.type == "cuda")
+        self.model = self._build_model(n_classes)
+        self.mean_std = self._normalization()
+        self.ddp = None                     # the DistributedDataParallel wrapper, with several processes
+        if self.place.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         opt_cls = lookup(OPTIMIZERS, c.optimizer, "optimizer")
-        self.optimizer = opt_cls(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        self.steps_per_epoch = math.ceil(len(self.train_set) / c.batch_size)
+        self.optimizer = opt_cls(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
+                                 **c.optimizer_options)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.amp == "fp16")
+        self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = min(c.max_steps or math.inf, c.epochs * self.steps_per_epoch)
-        decay = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, self.total_steps) / self.total_steps))
+        floor = c.lr_min / c.lr
+        decay = (lambda s: floor + (1 - floor) * 0.5 * (
+                     1 + math.cos(math.pi * min(s, self.total_steps) / self.total_steps))
                  if c.schedule == "cosine" else (lambda s: 1.0))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
         self.step = 0
         self.history: list[dict] = []
 
-    def _load(self, split, limit):
+    def _load(self, split, limit, augment):
         c = self.config
-        ds = load_dataset(c.dataset, split, root=c.data_root, download=c.download)
-        if limit is not None:
-            ds = torch.utils.data.TensorDataset(*(t[:limit] for t in ds.tensors))
-        return ds
+        ds = load_dataset(c.dataset, split, root=c.data_root, download=c.download, augment=augment)
+        return (ds if limit is None else take(ds, limit)), num_classes(ds)
+
+    def _build_model(self, n_classes: int) -> torch.nn.Module:
+        """The model, told the data's shape (the options of it that it takes; a preset's
+        ``model_options`` win), on the device, in channels-last layout if asked."""
+        c = self.config
+        shape = image_shape(self.train_set)
+        data_shape = dict(in_channels=shape[0], image_size=shape[-1], n_classes=n_classes)
+        takes = keyword_options(lookup(MODELS, c.model, "model").__init__)
+        options = {**{k: v for k, v in data_shape.items() if k in takes}, **c.model_options}
+        model = build_model(c.model, **options).to(self.device)
+        return model.to(memory_format=torch.channels_last) if c.channels_last else model
+
+    def _normalization(self):
+        """``normalize`` as two (1, C, 1, 1) tensors on the device, or None."""
+        c = self.config
+        if c.normalize is None:
+            return None
+        if not isinstance(self.train_set, TensorDataset):
+            raise ValueError(f"normalize applies to in-memory datasets; {c.dataset!r} is normalized "
+                             f"by its own transform (ImageNet's channel mean and std). Leave it unset.")
+        channels = self.train_set.tensors[0].shape[1]
+        if len(c.normalize[0]) != channels:
+            raise ValueError(f"normalize has {len(c.normalize[0])} numbers per list, but the images "
+                             f"of {c.dataset!r} have {channels} channel(s).")
+        return tuple(torch.tensor(v, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+                     for v in c.normalize)
 
     @property
     def deq(self):
         """The model's DEQ, or None for an explicit model."""
         return getattr(self.model, "deq", None)
 
-    def _batch(self, step: int):
-        epoch, i = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.train_set),
-                               generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
-        idx = order[i * self.config.batch_size:(i + 1) * self.config.batch_size]
-        x, y = (t[idx].to(self.device) for t in self.train_set.tensors)
-        return epoch, x, y
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of images as the model takes it: on the device, normalized, channels-last."""
+        x = x.to(self.device, non_blocking=True)
+        if self.mean_std is not None:
+            x = (x - self.mean_std[0]) / self.mean_std[1]
+        if self.config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _autocast(self):
+        dtype = AMP[self.config.amp]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _all_reduce(self, values: list, op: str) -> list:
+        """Combine per-process numbers over the processes, ``op`` "sum" or "max"; None (a number
+        no process has) stays None. One process: unchanged."""
+        if self.place.world_size == 1:
+            return values
+        absent = math.nan if op == "sum" else -math.inf
+        t = torch.tensor([absent if v is None else float(v) for v in values], dtype=torch.float64,
+                         device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return [v if math.isfinite(v) else None for v in t.tolist()]
 
     def _solver_metrics(self) -> dict:
         deq = self.deq
@@ -192,24 +385,40 @@ class Trainer:
         return warm_up
 
     def jac_weight(self, step: int) -> float:
-        """γ_t: the Jacobian regularizer's weight at `step` (linear ramp, then constant)."""
+        """γ_t: the Jacobian regularizer's weight at `step`: ``pretrain_jac_reg_weight`` during
+        the warm-up (if set), 0 from epoch ``jac_reg_stop_epoch`` on (if set), otherwise
+        ``jac_reg_weight`` after a linear ramp over the first ``jac_reg_ramp_steps`` steps."""
         c = self.config
+        if c.jac_reg_stop_epoch is not None and step // self.steps_per_epoch >= c.jac_reg_stop_epoch:
+            return 0.0
+        if step < c.pretrain_steps and c.pretrain_jac_reg_weight is not None:
+            return c.pretrain_jac_reg_weight
         ramp = min(1.0, (step + 1) / c.jac_reg_ramp_steps) if c.jac_reg_ramp_steps else 1.0
         return c.jac_reg_weight * ramp
 
+    def _step_seed(self) -> int:
+        """The seed of torch's generator for this step's random draws (dropout masks, Hutchinson
+        probes): a function of (seed, step, rank), so a resumed run draws the same, and the
+        processes of a distributed run draw differently (each for its own examples)."""
+        c = self.config
+        return ((c.seed * 1_000_003 + self.step) * 1_000_003 + self.place.rank) % 2 ** 63
+
     def _jac_reg_now(self) -> bool:
         """Whether this step adds the regularizer: a draw with probability ``jac_reg_prob`` from a
-        generator seeded by (seed, step), so a resumed run makes the same draws."""
+        generator seeded by (seed, step), so a resumed run (and every process) makes the same draws."""
         c = self.config
-        if self.deq is None or c.jac_reg_weight == 0:
+        if self.deq is None or self.jac_weight(self.step) == 0:
             return False
         draw = torch.rand(1, generator=torch.Generator().manual_seed(c.seed * 7919 + self.step))
         return draw.item() < c.jac_reg_prob
 
     def train_step(self) -> dict:
-        """One optimizer step on the next batch; returns its metrics record."""
+        """One optimizer step on the next (global) batch; returns its metrics record, combined
+        over the processes."""
         c = self.config
-        epoch, x, y = self._batch(self.step)
+        epoch, x, y = self.batches(self.step)
+        x, y = self._images(x), y.to(self.device, non_blocking=True)
+        torch.manual_seed(self._step_seed())
         pretrain = self._set_warm_up()
         gamma, regularize = self.jac_weight(self.step), self._jac_reg_now()
         start = time.perf_counter()
@@ -217,56 +426,75 @@ class Trainer:
         if self.deq is not None:
             self.deq.jac_probes = c.jac_reg_probes if regularize else 0
         try:
-            logits = self.model(x)
+            with self._autocast():
+                logits = (self.model if self.ddp is None else self.ddp)(x)
         finally:
             if self.deq is not None:
                 self.deq.jac_probes = 0
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits.float(), y)
         jac_loss = self.deq.jac_loss if regularize else None
         total = loss + gamma * jac_loss if jac_loss is not None else loss
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        self.scaler.scale(total).backward()          # DDP averages the gradients over processes here
+        grad_norm = None
+        if c.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip).item()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
-        elapsed = time.perf_counter() - start
-        return dict(split="train", step=self.step, epoch=epoch, loss=loss.item(),
-                    acc=(logits.argmax(1) == y).float().mean().item(), lr=lr, pretrain=pretrain,
-                    samples_per_s=len(y) / elapsed, jac_weight=gamma if c.jac_reg_weight else None,
-                    jac_loss=jac_loss.item() if jac_loss is not None else None,
-                    **self._solver_metrics())
+        solver = self._solver_metrics()
+        mean_loss, acc, mean_jac = self._all_reduce(
+            [loss.item(), (logits.argmax(1) == y).float().mean().item(),
+             jac_loss.item() if jac_loss is not None else None], "sum")
+        fwd_nfe, bwd_nfe, residual = self._all_reduce(
+            [solver["fwd_nfe"], solver["bwd_nfe"], solver["residual"]], "max")
+        w, elapsed = self.place.world_size, time.perf_counter() - start
+        return dict(split="train", step=self.step, epoch=epoch, loss=mean_loss / w, acc=acc / w,
+                    lr=lr, pretrain=pretrain, samples_per_s=len(y) * w / elapsed,
+                    jac_weight=gamma if c.jac_reg_weight or c.pretrain_jac_reg_weight else None,
+                    jac_loss=mean_jac / w if mean_jac is not None else None,
+                    grad_norm=grad_norm, fwd_nfe=_int(fwd_nfe), bwd_nfe=_int(bwd_nfe),
+                    residual=residual)
 
     @torch.no_grad()
-    def evaluate(self, batch_size: int = 500) -> dict:
-        """Loss and accuracy on the test split (mean forward NFE for a DEQ)."""
+    def evaluate(self, batch_size: Optional[int] = None) -> dict:
+        """Loss and accuracy on the test split (mean forward NFE and worst residual for a DEQ);
+        with several processes each evaluates its share and the sums are combined."""
+        c = self.config
         self.model.eval()
         self._set_warm_up()
-        x_all, y_all = self.test_set.tensors
-        loss = correct = 0.0
-        nfe, residual = [], []
-        for i in range(0, len(y_all), batch_size):
-            x, y = x_all[i:i + batch_size].to(self.device), y_all[i:i + batch_size].to(self.device)
-            logits = self.model(x)
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
+        loss = correct = count = nfe = batches = 0.0
+        residual: Optional[float] = -math.inf
+        for x, y in eval_batches(self.test_set, batch_size or c.eval_batch_size,
+                                 rank=self.place.rank, world_size=self.place.world_size,
+                                 num_workers=c.num_workers, pin_memory=self.device.type == "cuda"):
+            x, y = self._images(x), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(x)
+            loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
+            count += len(y)
             m = self._solver_metrics()
-            nfe.append(m["fwd_nfe"])
-            residual.append(m["residual"])
-        n = len(y_all)
-        mean_nfe = sum(nfe) / len(nfe) if None not in nfe else None
+            nfe = nfe + m["fwd_nfe"] if m["fwd_nfe"] is not None and nfe is not None else None
+            residual = None if m["residual"] is None or residual is None else max(residual, m["residual"])
+            batches += 1
+        loss, correct, count, nfe, batches = self._all_reduce([loss, correct, count, nfe, batches], "sum")
+        (residual,) = self._all_reduce([residual if residual != -math.inf else None], "max")
         return dict(split="test", step=self.step, epoch=(self.step - 1) // self.steps_per_epoch,
-                    loss=loss / n, acc=correct / n, fwd_nfe=mean_nfe,
-                    residual=max(residual) if None not in residual else None,
-                    **self._jacobian_metrics())
+                    loss=loss / count, acc=correct / count,
+                    fwd_nfe=nfe / batches if nfe is not None else None, residual=residual,
+                    **(self._jacobian_metrics() if self.place.is_main else {}))
 
     def _jacobian_metrics(self) -> dict:
         """ρ(J) (mean and max) and ‖J‖²_F / d at the DEQ's state on the first test examples, with
-        fixed random draws so that successive evaluations are comparable."""
+        fixed random draws so that successive evaluations are comparable (in float32: no autocast)."""
         n = self.config.eval_jacobian_samples
         if self.deq is None or n == 0:
             return {}
-        x = self.test_set.tensors[0][:n].to(self.device)
+        x = self._images(first_images(self.test_set, n))
         _, f, z = equilibrium(self.model, x)
         rho = spectral_radius(f, z, generator=torch.Generator().manual_seed(0))
         z_in = z.detach().requires_grad_()
@@ -277,9 +505,10 @@ class Trainer:
                     jac_frobenius=fro.mean().item())
 
     def _record(self, record: dict, callback) -> None:
+        """Keep the record (every process), append it to the log (rank 0), pass it to `callback`."""
         record["time"] = time.time()
         self.history.append(record)
-        if self.config.log_path:
+        if self.config.log_path and self.place.is_main:
             Path(self.config.log_path).parent.mkdir(parents=True, exist_ok=True)
             with open(self.config.log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -288,9 +517,17 @@ class Trainer:
 
     def fit(self, callback: Optional[Callable[[dict], None]] = None, *, progress: bool = True) -> list[dict]:
         """Train until ``total_steps``; `callback(record)` sees every train and test record (a live
-        dashboard's ``log``). Returns the history of records."""
-        c = self.config
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not progress,
+        dashboard's ``log``), in every process. Returns the history of records.
+
+        Each step reseeds torch's generator from (seed, step, rank); ``fit`` restores the caller's
+        random state when it returns, so a notebook's own random draws are not disturbed."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._fit(callback, progress)
+
+    def _fit(self, callback, progress) -> list[dict]:
+        c, main = self.config, self.place.is_main
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress and main),
                    desc=f"{c.model} on {c.dataset}", unit="step")
         try:
             while self.step < self.total_steps:
@@ -308,25 +545,30 @@ class Trainer:
         except KeyboardInterrupt:
             if c.checkpoint_path:
                 self.save_checkpoint()
-            print(f"Interrupted at step {self.step}/{self.total_steps}"
-                  + (f"; checkpoint saved to {c.checkpoint_path}" if c.checkpoint_path else "")
-                  + ". Call fit() again to continue.")
+            if main:
+                print(f"Interrupted at step {self.step}/{self.total_steps}"
+                      + (f"; checkpoint saved to {c.checkpoint_path}" if c.checkpoint_path else "")
+                      + ". Call fit() again to continue.")
             raise
         finally:
             bar.close()
-        if c.log_path:
+        if c.log_path and main:
             with open(c.log_path, "a") as fh:
                 fh.write(json.dumps({"event": "done", "step": self.step, "time": time.time()}) + "\n")
         return self.history
 
     def save_checkpoint(self, path: Optional[str] = None) -> None:
+        """Write the checkpoint (rank 0 only: every process holds the same state)."""
         path = path or self.config.checkpoint_path
         if not path:
             raise ValueError("no checkpoint path: set config.checkpoint_path or pass path=...")
+        if not self.place.is_main:
+            return
         atomic_save(dict(config=dataclasses.asdict(self.config), step=self.step,
                          model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                         scheduler=self.scheduler.state_dict(), rng=torch.get_rng_state(),
-                         history=self.history), path)
+                         scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                         rng=torch.get_rng_state(),
+                         world_size=self.place.world_size, history=self.history), path)
 
     @classmethod
     def resume(cls, path: str, **overrides) -> "Trainer":
@@ -337,13 +579,24 @@ class Trainer:
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            trainer.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         trainer.step, trainer.history = state["step"], state["history"]
+        saved_world = state.get("world_size", 1)
+        if saved_world != trainer.place.world_size:
+            warnings.warn(f"{path} was written by a run with {saved_world} process(es), resumed with "
+                          f"{trainer.place.world_size}: the run goes on, but not bit for bit as it "
+                          f"would have.", stacklevel=2)
         log = trainer.config.log_path
-        if log and Path(log).exists():
+        if log and Path(log).exists() and trainer.place.is_main:
             kept = [r for r in read_log(log) if r.get("step", 0) <= trainer.step and "event" not in r]
             Path(log).write_text("".join(json.dumps(r) + "\n" for r in kept))
         return trainer
+
+
+def _int(value: Optional[float]) -> Optional[int]:
+    return int(value) if value is not None else None
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -374,11 +627,14 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def main(argv=None) -> None:
     from .configs import PRESETS, load_preset
-    parser = argparse.ArgumentParser(prog="python -m deqlite.train", description="Train a preset.")
+    parser = argparse.ArgumentParser(prog="python -m deqlite.train",
+                                     description="Train a preset (under torchrun: on every process).")
     parser.add_argument("--config", required=True, help=f"preset name: {', '.join(PRESETS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set epochs=2 --set model_options.hidden=64")
-    parser.add_argument("--log", help="JSONL log path (default runs/CONFIG.jsonl)")
+    parser.add_argument("--log", "--log-path", dest="log",
+                        help="JSONL log path (default runs/CONFIG.jsonl); spell it --log-path under "
+                             "torchrun, whose own parser takes --log for an abbreviation of its options")
     parser.add_argument("--checkpoint", help="checkpoint path (default runs/CONFIG.pt)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     args = parser.parse_args(argv)
@@ -389,19 +645,26 @@ def main(argv=None) -> None:
         config["log_path"] = args.log
     if args.checkpoint:
         config["checkpoint_path"] = args.checkpoint
-    if args.resume and Path(config["checkpoint_path"]).exists():
-        trainer = Trainer.resume(config["checkpoint_path"], log_path=config["log_path"],
-                                 checkpoint_path=config["checkpoint_path"])
-    else:
-        if config.get("log_path") and Path(config["log_path"]).exists():
-            Path(config["log_path"]).unlink()
-        trainer = Trainer(config)
-    start = time.perf_counter()
-    trainer.fit()
+    main_process = Place.from_env().is_main
+    try:
+        if args.resume and Path(config["checkpoint_path"]).exists():
+            trainer = Trainer.resume(config["checkpoint_path"], log_path=config["log_path"],
+                                     checkpoint_path=config["checkpoint_path"])
+        else:
+            if main_process and config.get("log_path") and Path(config["log_path"]).exists():
+                Path(config["log_path"]).unlink()
+            trainer = Trainer(config)
+        start = time.perf_counter()
+        trainer.fit()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     final = [r for r in trainer.history if r["split"] == "test"][-1]
-    print(f"test accuracy {final['acc']:.4f}, test loss {final['loss']:.4f}, "
-          f"forward NFE {final['fwd_nfe']}, {time.perf_counter() - start:.1f} s "
-          f"(log: {config['log_path']}, checkpoint: {config['checkpoint_path']})")
+    if main_process:
+        print(f"test accuracy {final['acc']:.4f}, test loss {final['loss']:.4f}, "
+              f"forward NFE {final['fwd_nfe']}, {time.perf_counter() - start:.1f} s, "
+              f"{trainer.place.world_size} process(es) "
+              f"(log: {config['log_path']}, checkpoint: {config['checkpoint_path']})")
 
 
 if __name__ == "__main__":

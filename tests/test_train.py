@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+from test_data import cifar_root, write_image_tree  # noqa: F401  (a fixture)
+
 from deqlite import train
 from deqlite.configs import PRESETS, load_preset
 from deqlite.plots import TrainingDashboard, follow
@@ -174,3 +176,89 @@ def test_jacobian_regularization_config_errors():
         TrainConfig(jac_reg_weight=-1.0)
     with pytest.raises(KeyError, match="Did you mean 'jac_reg_weight'"):
         TrainConfig.from_dict({"jac_reg_weigth": 1.0})
+
+
+def interrupted_and_resumed(config, stop_at, **resume_overrides):
+    """A run stopped by Ctrl-C after step `stop_at` (a checkpoint is saved), then resumed."""
+    def stop(record):
+        if record["split"] == "train" and record["step"] == stop_at:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config).fit(stop, progress=False)
+    resumed = Trainer.resume(config["checkpoint_path"], **resume_overrides)
+    assert resumed.step == stop_at
+    resumed.fit(progress=False)
+    return resumed
+
+
+def assert_same_run(a, b, log_path):
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), f"{name} differs after resume"
+    losses = lambda h: [r["loss"] for r in h if r["split"] == "train"]  # noqa: E731
+    assert losses(a.history) == losses(b.history)
+    steps = [r["step"] for r in read_log(log_path) if r.get("split") == "train"]
+    assert steps == list(range(1, a.total_steps + 1)), "log lost or duplicated steps"
+
+
+def test_image_folders_stream_and_resume_exactly_mid_epoch_with_other_workers(tmp_path):
+    """ImageNet's layout read from disk with random crops: a run resumed in the middle of an epoch,
+    with 2 loader workers instead of none, sees the same crops and ends identically."""
+    root = write_image_tree(tmp_path / "data")                           # 3 classes × 4 train images
+    config = dict(dataset="imagenet", data_root=str(root), augment=True, model="deq_classifier",
+                  model_options=dict(channels=2, hidden=8, deq=dict(solver="anderson", tol=1e-3,
+                                                                    max_iter=20, on_fail="ignore")),
+                  epochs=2, batch_size=4, lr=3e-3, eval_jacobian_samples=2, eval_batch_size=4)
+    straight = Trainer(dict(config, log_path=str(tmp_path / "a.jsonl")))
+    assert straight.model.head.out_features == 3 and straight.steps_per_epoch == 3
+    straight.fit(progress=False)
+    config.update(log_path=str(tmp_path / "b.jsonl"), checkpoint_path=str(tmp_path / "b.pt"))
+    resumed = interrupted_and_resumed(config, 4, num_workers=2)
+    assert resumed.config.num_workers == 2
+    assert_same_run(straight, resumed, config["log_path"])
+    test = [r for r in resumed.history if r["split"] == "test"][-1]
+    assert 0 <= test["acc"] <= 1 and test["spectral_radius"] > 0
+
+
+def test_vision_options_train_and_resume_exactly(tmp_path, cifar_root):
+    """CIFAR-10's augmentation, normalization, SGD with Nesterov momentum, a cosine schedule down to
+    lr_min, gradient clipping, fp16 autocast with its gradient scaler and channels-last together:
+    resuming restores all of their state."""
+    config = dict(dataset="cifar10", data_root=str(cifar_root), augment=True,
+                  normalize=[[0.49, 0.48, 0.45], [0.25, 0.24, 0.26]], model="deq_classifier",
+                  model_options=dict(channels=4, hidden=16, deq=dict(solver="anderson", tol=1e-3,
+                                                                     max_iter=20, on_fail="ignore")),
+                  epochs=2, batch_size=8, optimizer="sgd", lr=0.05, lr_min=0.01,
+                  optimizer_options=dict(momentum=0.9, nesterov=True), grad_clip=1.0, amp="fp16",
+                  channels_last=True, pretrain_steps=2, pretrain_depth=3, eval_jacobian_samples=4)
+    straight = Trainer(dict(config, log_path=str(tmp_path / "a.jsonl")))
+    history = straight.fit(progress=False)
+    trains = [r for r in history if r["split"] == "train"]
+    assert len(trains) == 6 and trains[-1]["lr"] > 0.01 and all(r["grad_norm"] is not None for r in trains)
+    assert straight.optimizer.param_groups[0]["nesterov"]
+    config.update(log_path=str(tmp_path / "b.jsonl"), checkpoint_path=str(tmp_path / "b.pt"))
+    resumed = interrupted_and_resumed(config, 4)
+    assert_same_run(straight, resumed, config["log_path"])
+    assert resumed.scaler.state_dict() == straight.scaler.state_dict()      # its growth tracker too
+
+
+def test_fit_leaves_the_callers_random_state_alone(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, epochs=1, limit_train=64, pretrain_steps=0,
+                                  log_path=None, checkpoint_path=None))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    trainer.fit(progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_jacobian_weight_schedule_warm_up_ramp_and_stop(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, epochs=4, pretrain_steps=5, jac_reg_weight=2.0,
+                                  jac_reg_ramp_steps=10, pretrain_jac_reg_weight=0.5,
+                                  jac_reg_stop_epoch=3))
+    per_epoch = trainer.steps_per_epoch                          # 20
+    assert [trainer.jac_weight(s) for s in range(5)] == [0.5] * 5              # warm-up weight
+    assert trainer.jac_weight(5) == pytest.approx(2.0 * 6 / 10)               # on the ramp
+    assert trainer.jac_weight(3 * per_epoch - 1) == 2.0
+    assert trainer.jac_weight(3 * per_epoch) == 0.0                           # stopped
+    with pytest.raises(ValueError, match="pretrain_jac_reg_weight"):
+        TrainConfig(pretrain_jac_reg_weight=-0.1)

@@ -17,8 +17,6 @@ or from a slightly different configuration.
 
     python -m deqlite.train --config cifar10_mdeq_tiny
 
-``WANTS``: published settings that ``TrainConfig`` cannot express yet;
-``CONFIG`` uses only existing keys.
 """
 CONFIG = dict(
     dataset="cifar10",
@@ -38,12 +36,8 @@ CONFIG = dict(
     pretrain_steps=3000,
     pretrain_depth=10,
     eval_jacobian_samples=32,
-    seed=0,
-)
-
-WANTS = dict(
     augment=False,        # DATASET.AUGMENT: False (no random crop / flip)
     normalize=[[0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]],    # per-channel mean, std
     lr_min=1e-6,          # CosineAnnealingLR(eta_min=1e-6) over all steps
-    eval_batch_size=32,   # TEST.BATCH_SIZE_PER_GPU (per process)
+    seed=0,
 )
