@@ -85,6 +85,7 @@ from ._validate import check_range, did_you_mean, keyword_options, lookup
 from .data import (TrainBatches, eval_batches, first_images, image_shape, load_dataset,
                    num_classes, take)
 from .diagnostics import equilibrium
+from .distributed import Place, all_reduce, init_distributed, resolve_device
 from .jacobian import hutchinson_frobenius, spectral_radius
 from .models import MODELS, build_model
 
@@ -197,44 +198,6 @@ def _check_normalize(value) -> None:
         raise ValueError(f"normalize must be [mean, std], two lists with one number per channel "
                          f"(std > 0), e.g. [[0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]]; "
                          f"got {value!r}.")
-
-
-@dataclass(frozen=True)
-class Place:
-    """Where this process stands in a ``torchrun`` launch (rank 0 of 1 when run alone)."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "Place":
-        """From an initialised process group, else from torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), local)
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), local)
-
-
-def resolve_device(name: str, place: Place) -> torch.device:
-    """"auto" → cuda when available, else cpu; a CUDA device without index → this process's GPU."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", place.local_rank)
-    return device
-
-
-def init_distributed(place: Place, device: torch.device) -> None:
-    """Join the process group that torchrun describes in the environment (MASTER_ADDR/PORT,
-    RANK, WORLD_SIZE): NCCL between GPUs, Gloo on CPU. Nothing to do alone or if already joined."""
-    if place.world_size == 1 or dist.is_initialized():
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -358,15 +321,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _all_reduce(self, values: list, op: str) -> list:
-        """Combine per-process numbers over the processes, ``op`` "sum" or "max"; None (a number
-        no process has) stays None. One process: unchanged."""
-        if self.place.world_size == 1:
-            return values
-        absent = math.nan if op == "sum" else -math.inf
-        t = torch.tensor([absent if v is None else float(v) for v in values], dtype=torch.float64,
-                         device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-        return [v if math.isfinite(v) else None for v in t.tolist()]
+        return all_reduce(values, op, self.place, self.device)
 
     def _solver_metrics(self) -> dict:
         deq = self.deq
