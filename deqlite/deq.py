@@ -187,18 +187,24 @@ class DEQ(nn.Module):
                                              kind=self.jac_probe_kind, create_graph=True).mean()
 
     def _attach_ift(self, z_star: torch.Tensor, f) -> torch.Tensor:
-        """z = f(z*, x) with a graph to x and θ, and a hook turning ∂ℓ/∂z into the adjoint g."""
-        z = f(z_star)
+        """z = f(z*, x) with a graph to x, θ and z*, and a hook turning ∂ℓ/∂z into the adjoint g.
+        The one graph serves both: the adjoint's Jᵀ y are vector–Jacobian products through it
+        (``retain_graph``), and autograd then takes gᵀ ∂f/∂θ and gᵀ ∂f/∂x through it too."""
         z_in = z_star.detach().requires_grad_()
-        f_in = f(z_in, _detach(f.injection))                # graph of f in z alone, for Jᵀ y
+        z = f(z_in)
+        solving = []                  # non-empty while the hook's own Jᵀ y calls run through z
 
         def adjoint_hook(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            if grad is None:                                 # undefined gradient: nothing to solve
-                return None
+            if grad is None or solving:     # no gradient, or our own vector–Jacobian product
+                return grad
             def adjoint_map(y):                              # y ↦ Jᵀ y + ∂ℓ/∂z*
-                return torch.autograd.grad(f_in, z_in, y, retain_graph=True)[0] + grad
-            g, self.backward_stats = self._run(self.backward_solve, adjoint_map,
-                                               torch.zeros_like(grad))
+                return torch.autograd.grad(z, z_in, y, retain_graph=True)[0] + grad
+            solving.append(True)
+            try:
+                g, self.backward_stats = self._run(self.backward_solve, adjoint_map,
+                                                   torch.zeros_like(grad))
+            finally:
+                solving.clear()
             self._check(self.backward_stats, "backward (adjoint)")
             return g
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from .deq import DEQ
 from .jacobian import exact_jacobian, hutchinson_frobenius, ritz_values
-from .plots import plot_residuals
+from .plots import ensure_figure_display, plot_residuals
 from .solvers import flatten_state
 from .stats import SolverStats
 
@@ -100,6 +100,7 @@ class Diagnosis:
     def plot(self, fig: Optional[Figure] = None) -> Figure:
         """Left: the residual traces (every sample faintly, the batch max boldly). Right: J's
         eigenvalues for sample 0 in the complex plane, with the unit circle ρ = 1."""
+        ensure_figure_display()
         fig = fig or Figure(figsize=(11, 4))
         ax1, ax2 = fig.subplots(1, 2)
         plot_residuals({self.stats.solver: self.stats}, ax1, per_sample=True)

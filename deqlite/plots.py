@@ -30,6 +30,26 @@ def _in_notebook() -> bool:
     return shell is not None and hasattr(shell, "kernel")
 
 
+def _figure_png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def ensure_figure_display() -> None:
+    """Make ``display(fig)`` (or a figure as a cell's last value) show a picture in a notebook
+    even if pyplot was never imported there, which is what normally teaches IPython to draw
+    matplotlib figures. Does nothing outside a notebook or when a formatter exists already."""
+    if not _in_notebook():
+        return
+    from IPython import get_ipython
+    png = get_ipython().display_formatter.formatters["image/png"]
+    try:
+        png.lookup_by_type(Figure)
+    except KeyError:
+        png.for_type(Figure, _figure_png)
+
+
 class LiveFigure:
     """A figure shown once in the notebook and redrawn in place by ``update()``."""
 
@@ -44,9 +64,7 @@ class LiveFigure:
 
     def _png(self):
         from IPython.display import Image
-        buffer = io.BytesIO()
-        self.fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-        return Image(data=buffer.getvalue(), format="png")
+        return Image(data=_figure_png(self.fig), format="png")
 
     def update(self, force: bool = False) -> None:
         """Redraw now if ``force`` or if ``min_interval`` seconds passed since the last redraw."""
@@ -119,6 +137,7 @@ def plot_residuals(stats: Mapping[str, SolverStats], ax=None, *, per_sample: boo
     """Static residual-vs-NFE plot of finished solves, one line per entry of `stats`
     (the batch maximum, or every sample faintly with ``per_sample=True``). Returns the axes."""
     if ax is None:
+        ensure_figure_display()
         ax = Figure(figsize=(6.5, 4)).add_subplot()
     first = next(iter(stats.values()))
     _residual_axes(ax, first.stop, first.tol)
@@ -256,26 +275,30 @@ class RunComparison(LiveFigure):
 
 
 def follow(log_path, *, poll: float = 2.0, timeout: Optional[float] = None,
-           dashboard: Optional[TrainingDashboard] = None) -> TrainingDashboard:
+           dashboard: Optional[TrainingDashboard] = None, process=None) -> TrainingDashboard:
     """Live dashboard of a run that writes its JSONL log elsewhere (a GPU job in a terminal).
 
     Reads new lines every `poll` seconds and stops when the run writes its ``{"event": "done"}``
-    record, or after `timeout` seconds (then call ``follow`` again to go on watching). Safe to
-    interrupt; the dashboard keeps what it has drawn.
+    record, when `process` (a ``subprocess.Popen`` of the run, if you started it) has exited, or
+    after `timeout` seconds. To go on watching, call ``follow(log_path, dashboard=d)`` with the
+    dashboard it returned: it continues after the records already drawn. Safe to interrupt; the
+    dashboard keeps what it has drawn.
     """
     from pathlib import Path
 
     from .train import read_log
     dashboard = dashboard or TrainingDashboard(title=f"following {log_path}")
-    start, seen = time.perf_counter(), 0
+    start = time.perf_counter()
+    seen = getattr(dashboard, "records_followed", 0)
     try:
         while True:
+            exited = process is not None and process.poll() is not None   # before the last read
             records = read_log(log_path) if Path(log_path).exists() else []
             for record in records[seen:]:
                 dashboard.log(record)
-            seen = len(records)
+            seen = dashboard.records_followed = len(records)
             done = any(r.get("event") == "done" for r in records)
-            if done or (timeout is not None and time.perf_counter() - start >= timeout):
+            if done or exited or (timeout is not None and time.perf_counter() - start >= timeout):
                 break
             time.sleep(poll)
     except KeyboardInterrupt:

@@ -5,7 +5,7 @@ from conftest import symmetric_tanh_problem
 
 from deqlite import DEQ, MLPCell, solve
 from deqlite.memory import saved_tensor_bytes
-from deqlite.plots import LiveResidualPlot, RunComparison, plot_residuals
+from deqlite.plots import LiveResidualPlot, RunComparison, follow, plot_residuals
 
 
 def test_live_residual_plot_gets_one_point_per_evaluation():
@@ -96,3 +96,38 @@ def test_run_comparison_draws_one_line_per_run_and_metric():
         compare.callback("jr")
     with pytest.raises(ValueError, match="panels is empty"):
         RunComparison(["a"], {})
+
+
+def test_follow_continues_without_redrawing_and_stops_when_the_run_exits(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import time
+    log = tmp_path / "run.jsonl"
+    log.write_text("".join(json.dumps(dict(split="train", step=s, loss=1.0 / s)) + "\n"
+                           for s in (1, 2)))
+    dash = follow(log, poll=0.01, timeout=0.05)
+    with open(log, "a") as fh:
+        fh.write(json.dumps(dict(split="train", step=3, loss=0.3)) + "\n")
+    dash = follow(log, poll=0.01, timeout=0.05, dashboard=dash)
+    assert dash.points("loss", "train", "loss") == 3            # 1, 2, 3: nothing drawn twice
+    run = subprocess.Popen([sys.executable, "-c", "pass"])       # a run that dies, no "done"
+    start = time.perf_counter()
+    follow(log, poll=0.05, timeout=60, process=run)
+    assert time.perf_counter() - start < 30
+
+
+def test_figures_display_as_pictures_in_a_notebook_without_pyplot(monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+    from matplotlib.figure import Figure
+    from deqlite import plots
+    shell = InteractiveShell.instance()
+    monkeypatch.setattr(plots, "_in_notebook", lambda: True)
+    png = shell.display_formatter.formatters["image/png"]
+    png.type_printers.pop(Figure, None)
+    monkeypatch.setattr("IPython.get_ipython", lambda: shell)
+    plots.ensure_figure_display()
+    fig = Figure()
+    fig.add_subplot().plot([0, 1])
+    data, _ = shell.display_formatter.format(fig)
+    assert data["image/png"][:4] == b"\x89PNG"
