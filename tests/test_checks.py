@@ -120,6 +120,35 @@ def state_numel(channels, h, w, round_up=True):
     return total
 
 
+def causal_attention(q, k, v, mask=True, scale=True, diagonal=0):
+    scores = q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5 if scale else 1.0)
+    if mask:
+        T = q.shape[-2]
+        future = torch.ones(T, T, dtype=torch.bool).triu(1 - diagonal)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def unigram_bits(counts, drop_zeros=True, base2=True):
+    p = counts / counts.sum()
+    if drop_zeros:
+        p = p[p > 0]
+    return float(-(p * (p.log2() if base2 else p.log())).sum())
+
+
+CASES_07 = [
+    (checks.check_causal_attention, causal_attention, [
+        lambda q, k, v: causal_attention(q, k, v, mask=False),       # sees the future
+        lambda q, k, v: causal_attention(q, k, v, scale=False),      # no 1/√d
+        lambda q, k, v: causal_attention(q, k, v, diagonal=1),       # hides the token itself
+    ]),
+    (checks.check_unigram_bits, unigram_bits, [
+        lambda c: unigram_bits(c, drop_zeros=False),                 # NaN from 0·log 0
+        lambda c: unigram_bits(c, base2=False),                      # nats
+        lambda c: float(-(c * c.log2()).sum()),                      # counts, not probabilities
+    ]),
+]
+
 CASES_06 = [
     (checks.check_fuse_two, fuse_two, [
         lambda *a: fuse_two(*a, scale_factor=True),       # breaks on odd sizes
@@ -199,7 +228,7 @@ CASES = [
         lambda h: nfe_by_epoch(h, include_test=True),
         lambda h: {r["epoch"]: r["fwd_nfe"] for r in h if r["split"] == "train"},  # last, not mean
     ]),
-] + CASES_05 + CASES_06
+] + CASES_05 + CASES_06 + CASES_07
 
 
 @pytest.mark.parametrize("check, right, wrongs", CASES, ids=[c[0].__name__ for c in CASES])
