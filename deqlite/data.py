@@ -30,9 +30,14 @@ processes together see exactly the global batch one process would. Random augmen
 by (seed, epoch, example) too, so an example is augmented the same way whichever process, worker
 or resumed run loads it. This is what makes a resumed run end exactly like an uninterrupted one.
 
+Text (``deqlite.text``, registered here too): ``stdlib_chars`` (offline characters of Python's
+standard library), ``wikitext103`` and ``wikitext2`` (words, ``ROOT/wikitext-103/wiki.*.tokens``),
+each a ``TokenStream`` with the splits "train", "valid" and "test".
+
 Download from a terminal with
 
-    python -m deqlite.data download mnist        (or cifar10; "imagenet" checks the layout)
+    python -m deqlite.data download mnist        (or cifar10, wikitext103, wikitext2;
+                                                  "imagenet" checks the layout)
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from ._validate import check_range, lookup
+from .text import TEXT_DATASETS, TokenStream
 
 SPLITS = ("train", "test")
 
@@ -260,16 +266,20 @@ def imagenet(split: str = "train", *, root=None, download: bool = False, augment
 
 
 DATASETS = {"mnist5k": mnist5k, "digits": digits, "mnist": mnist, "cifar10": cifar10,
-            "imagenet": imagenet}
-OFFLINE = ("mnist5k", "digits")
+            "imagenet": imagenet, **TEXT_DATASETS}
+OFFLINE = ("mnist5k", "digits", "stdlib_chars")
 AUGMENTABLE = ("cifar10", "imagenet")       # the others are digits: a flip would change them
 
 
 def load_dataset(name: str, split: str = "train", *, root=None, download: bool = False,
                  augment: bool = False) -> Dataset:
-    """The dataset `name` (see ``DATASETS``): a TensorDataset of (images, labels), or an
-    ``ImageFolder`` for ImageNet. ``augment=True`` adds the dataset's standard random augmentation."""
+    """The dataset `name` (see ``DATASETS``): a TensorDataset of (images, labels), an
+    ``ImageFolder`` for ImageNet, a ``TokenStream`` for text (splits "train", "valid", "test").
+    ``augment=True`` adds the dataset's standard random augmentation."""
     fn = lookup(DATASETS, name, "dataset")
+    if augment and name in TEXT_DATASETS:
+        raise ValueError(f"dataset {name!r} is text; augmentation applies to images "
+                         f"({', '.join(AUGMENTABLE)}). Use augment=False.")
     if augment and name not in AUGMENTABLE:
         raise ValueError(f"dataset {name!r} has no augmentation (flipping or cropping digits changes "
                          f"them); datasets with one: {', '.join(AUGMENTABLE)}. Use augment=False.")
@@ -456,12 +466,14 @@ def main(argv=None) -> None:
     dl.add_argument("name", choices=[n for n in DATASETS if n not in OFFLINE])
     dl.add_argument("--root", default=None, help="data folder (default: $DEQLITE_DATA or data/)")
     args = parser.parse_args(argv)
-    for split in SPLITS:
+    text = args.name in TEXT_DATASETS
+    for split in ("train", "valid", "test") if text else SPLITS:
         try:
             ds = load_dataset(args.name, split, root=args.root, download=True)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, OSError) as e:
             raise SystemExit(str(e)) from None
-        print(f"{args.name} {split}: {len(ds)} images in {data_root(args.root)}")
+        what = f"{len(ds):,} tokens" if isinstance(ds, TokenStream) else f"{len(ds)} images"
+        print(f"{args.name} {split}: {what} in {data_root(args.root)}")
 
 
 if __name__ == "__main__":

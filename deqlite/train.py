@@ -1,10 +1,11 @@
 """One training loop for every task: data, optimizer and schedule, progress bar, metrics, a JSONL
 log, atomic checkpoints and exact resume; on one CPU, one GPU, or many GPUs and machines.
 
-Each step minimises the cross-entropy of the model on a batch. For a DEQ model the loop also
-records the solver's effort: forward NFE (solving z* = f(z*, x)), backward NFE (solving the adjoint
-g = Jᵀ g + ∂ℓ/∂z*) and the final relative residual. A warm-up of ``pretrain_steps`` steps trains
-the cell unrolled ``pretrain_depth`` times (as the DEQ papers do) before the equilibrium solve.
+Each step minimises the cross-entropy of the model on a batch (a language model: its own loss).
+For a DEQ model the loop also records the solver's effort: forward NFE (solving z* = f(z*, x)),
+backward NFE (solving the adjoint g = Jᵀ g + ∂ℓ/∂z*) and the final relative residual. A warm-up
+of ``pretrain_steps`` steps trains the cell unrolled ``pretrain_depth`` times (as the DEQ papers
+do) before the equilibrium solve.
 
 Jacobian regularization (Bai, Koltun, Kolter 2021): with ``jac_reg_weight = γ > 0`` the loss of a
 step becomes  cross-entropy + γ_t · ‖J_f(z*)‖²_F / d  (Hutchinson, ``jac_reg_probes`` probes),
@@ -35,14 +36,35 @@ At scale (the vision recipes):
   (mean loss and accuracy, largest NFE and residual); evaluation is split between them and summed
   (ρ(J) on rank 0). Only rank 0 writes the log and checkpoints and shows the progress bar.
 
+Language models (the text datasets of ``deqlite.text``: ``stdlib_chars``, ``wikitext2``,
+``wikitext103``) go through the same loop. The training stream is cut into ``batch_size`` rows and
+step k takes window k (mod the windows per epoch) of ``seq_len`` tokens of every row
+(``deqlite.text.StreamBatches``); the step's loss is ``model.loss(x, y)``, the model's mean
+negative log-likelihood per token in nats, with y the tokens after x. The model is built with
+``vocab_size`` from the data and ``max_len = seq_len`` (when it takes them and ``model_options``
+does not set them). Records carry ``loss`` (nats per token), ``bits_per_token`` (loss / ln 2: for
+a character model its bits per character, bpc), ``ppl`` (e^loss) and ``tokens_per_s`` instead of
+``acc`` and ``samples_per_s``. Evaluation during training scores the *validation* split ("valid")
+cut into ``eval_batch_size`` rows in all (shared by the processes, so the score does not depend
+on their number), every token once; its records keep ``split="test"`` (the held-out record of
+every task, which dashboards plot) and say ``eval_split="valid"``; score the test split at the
+end with ``trainer.evaluate(split="test")``. ``limit_train`` / ``limit_test`` count tokens for
+text. NFE, residual, Jacobian regularization, warm-up, AMP, DDP and resume work as for images
+(ρ(J) is taken on the first ``eval_jacobian_samples`` validation windows, over the whole
+(seq_len × width) state of a window). Image options (``augment``, ``normalize``,
+``channels_last``) are errors for text. ``eval_every`` (steps; 0: at the end of every epoch, the
+default for every task) evaluates more often than once an epoch, which long text epochs want.
+
 Determinism and resume: the model is initialised from ``seed``; the examples of step k and their
-random augmentation are a function of (seed, k) (``deqlite.data.TrainBatches``), and the step's
-own random draws (dropout masks, Hutchinson probes) come from torch's generator seeded by
-(seed, k, rank). A checkpoint holds the model, optimizer, schedule, gradient scaler and step, so a
-run resumed from it -- at any step, in-memory or streamed data, with any ``num_workers`` -- ends
-exactly where the uninterrupted run ends, given the same number of processes (on a GPU, up to
-the nondeterminism of some CUDA kernels). With another number of processes it goes on, but not
-bit for bit (each process's draws and the incomplete last batch, dropped with W > 1, differ).
+random augmentation are a function of (seed, k) (``deqlite.data.TrainBatches``; a text window is a
+function of k alone, ``deqlite.text.StreamBatches``), and the step's own random draws (dropout
+masks, Hutchinson probes) come from torch's generator seeded by (seed, k, rank). A checkpoint holds
+the model, optimizer, schedule, gradient scaler and step, so a run resumed from it -- at any step,
+in-memory or streamed data, with any ``num_workers`` -- ends exactly where the uninterrupted run
+ends, given the same number of processes (on a GPU, up to the nondeterminism of some CUDA kernels).
+With another number of processes it goes on, but not bit for bit (each process's draws and the
+incomplete last batch, dropped with W > 1, differ). A text run resumes exactly on the same token
+stream: for ``stdlib_chars``, under the same Python version.
 
 Commands (presets in ``deqlite/configs``; ``--set KEY=VALUE`` overrides any config key):
 
@@ -78,6 +100,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
@@ -88,6 +111,7 @@ from .diagnostics import equilibrium
 from .distributed import Place, all_reduce, init_distributed, resolve_device
 from .jacobian import hutchinson_frobenius, spectral_radius
 from .models import MODELS, build_model
+from .text import StreamBatches, TokenStream, bits, eval_windows, first_windows, is_text
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULES = ("cosine", "constant")
@@ -100,8 +124,9 @@ class TrainConfig:
     dataset: str = "mnist5k"
     data_root: Optional[str] = None
     download: bool = False
-    limit_train: Optional[int] = None      # use only N training examples (quick runs; see data.take)
+    limit_train: Optional[int] = None      # use only N training examples (text: N tokens)
     limit_test: Optional[int] = None
+    seq_len: int = 128                     # text: tokens per training / evaluation window
     augment: bool = False                  # the dataset's standard random augmentation (cifar10, imagenet)
     normalize: Optional[list] = None       # [mean, std] per channel for in-memory images (x − mean) / std
     num_workers: int = 0                   # loader processes for datasets read from disk (imagenet)
@@ -110,7 +135,7 @@ class TrainConfig:
     epochs: int = 5
     max_steps: Optional[int] = None        # stop early after this many steps in all
     batch_size: int = 64                   # the global batch, summed over all processes
-    eval_batch_size: int = 500             # per process
+    eval_batch_size: int = 500             # per process (text: rows in all, shared by the processes)
     optimizer: str = "adam"
     optimizer_options: dict = field(default_factory=dict)   # e.g. {"momentum": 0.9, "nesterov": true}
     lr: float = 1e-3
@@ -134,6 +159,7 @@ class TrainConfig:
     log_path: Optional[str] = None         # JSONL, one record per step / evaluation
     checkpoint_path: Optional[str] = None
     checkpoint_every: int = 0              # steps; 0: at the end of every epoch
+    eval_every: int = 0                    # steps; 0: at the end of every epoch
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -152,10 +178,10 @@ class TrainConfig:
         for name in ("download", "augment", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}.")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "seq_len"):
             check_range(getattr(self, name), name, low=1, integer=True)
         for name in ("pretrain_steps", "pretrain_depth", "checkpoint_every", "seed", "num_workers",
-                     "jac_reg_ramp_steps", "eval_jacobian_samples"):
+                     "jac_reg_ramp_steps", "eval_jacobian_samples", "eval_every"):
             check_range(getattr(self, name), name, low=0, integer=True)
         check_range(self.lr, "lr", low=0, low_open=True)
         check_range(self.lr_min, "lr_min", low=0, high=self.lr)
@@ -173,6 +199,11 @@ class TrainConfig:
             check_range(self.jac_reg_stop_epoch, "jac_reg_stop_epoch", low=0, integer=True)
         check_range(self.jac_reg_prob, "jac_reg_prob", low=0, high=1)
         check_range(self.jac_reg_probes, "jac_reg_probes", low=1, integer=True)
+        if is_text(self.dataset):
+            for name in ("augment", "normalize", "channels_last"):
+                if getattr(self, name) not in (False, None):
+                    raise ValueError(f"{name} applies to images; dataset {self.dataset!r} is text "
+                                     f"(token windows of seq_len). Leave {name} unset.")
 
 
 def _check_optimizer_options(name: str, options: dict) -> None:
@@ -229,6 +260,25 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+class LanguageModelLoss(nn.Module):
+    """``model.loss(tokens, targets)`` as a module's forward. DistributedDataParallel averages the
+    gradients of what the forward of the module it wraps computes, so a language model trains
+    under DDP through this wrapper; ``deqlite.diagnostics.equilibrium`` calls ``module(inputs)``,
+    for which ``targets=None`` scores the inputs as their own targets (only the model's
+    equilibrium state is wanted then)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.model.loss(tokens, tokens if targets is None else targets)
+
+
+def _is_language_model(cls) -> bool:
+    return callable(getattr(cls, "loss", None))
+
+
 class Trainer:
     """Holds a model, its data and optimizer, and trains it with ``fit()``.
 
@@ -243,18 +293,27 @@ class Trainer:
         self.device = resolve_device(c.device, self.place)
         init_distributed(self.place, self.device)
         torch.manual_seed(c.seed)
+        self.text = is_text(c.dataset)      # a language-modeling task
         self.train_set, n_classes = self._load("train", c.limit_train, c.augment)
-        self.test_set, _ = self._load("test", c.limit_test, False)
-        self.batches = TrainBatches(self.train_set, c.batch_size, seed=c.seed, rank=self.place.rank,
-                                    world_size=self.place.world_size, num_workers=c.num_workers,
-                                    pin_memory=self.device.type == "cuda")
+        # the held-out split evaluated during training: "test" for images, "valid" for text
+        self.test_set, _ = self._load("valid" if self.text else "test", c.limit_test, False)
+        if self.text:
+            self.batches = StreamBatches(self.train_set.tokens, c.batch_size, c.seq_len,
+                                         rank=self.place.rank, world_size=self.place.world_size)
+        else:
+            self.batches = TrainBatches(self.train_set, c.batch_size, seed=c.seed,
+                                        rank=self.place.rank, world_size=self.place.world_size,
+                                        num_workers=c.num_workers,
+                                        pin_memory=self.device.type == "cuda")
         self.model = self._build_model(n_classes)
+        self.lm_loss = LanguageModelLoss(self.model) if self.text else None
         self.mean_std = self._normalization()
         self.ddp = None                     # the DistributedDataParallel wrapper, with several processes
         if self.place.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.ddp = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.lm_loss if self.text else self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None)
         opt_cls = lookup(OPTIMIZERS, c.optimizer, "optimizer")
         self.optimizer = opt_cls(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
                                  **c.optimizer_options)
@@ -272,16 +331,33 @@ class Trainer:
     def _load(self, split, limit, augment):
         c = self.config
         ds = load_dataset(c.dataset, split, root=c.data_root, download=c.download, augment=augment)
+        if isinstance(ds, TokenStream):
+            return (ds if limit is None else ds.take(limit)), None
         return (ds if limit is None else take(ds, limit)), num_classes(ds)
 
-    def _build_model(self, n_classes: int) -> torch.nn.Module:
+    def _build_model(self, n_classes: Optional[int]) -> torch.nn.Module:
         """The model, told the data's shape (the options of it that it takes; a preset's
-        ``model_options`` win), on the device, in channels-last layout if asked."""
+        ``model_options`` win): images' channels, size and classes, or text's ``vocab_size`` and
+        ``max_len = seq_len``; on the device, in channels-last layout if asked."""
         c = self.config
-        shape = image_shape(self.train_set)
-        data_shape = dict(in_channels=shape[0], image_size=shape[-1], n_classes=n_classes)
-        takes = keyword_options(lookup(MODELS, c.model, "model").__init__)
+        cls = lookup(MODELS, c.model, "model")
+        if self.text != _is_language_model(cls):
+            kind = "a language model" if self.text else "an image model"
+            fit = [n for n, m in MODELS.items() if _is_language_model(m) == self.text]
+            raise ValueError(f"dataset {c.dataset!r} needs {kind}, and model {c.model!r} is not "
+                             f"one (language models have loss(tokens, targets)); models that "
+                             f"fit: {', '.join(fit)}.")
+        if self.text:
+            data_shape = dict(vocab_size=self.train_set.vocab_size, max_len=c.seq_len)
+        else:
+            shape = image_shape(self.train_set)
+            data_shape = dict(in_channels=shape[0], image_size=shape[-1], n_classes=n_classes)
+        takes = keyword_options(cls.__init__)
         options = {**{k: v for k, v in data_shape.items() if k in takes}, **c.model_options}
+        if self.text and "max_len" in takes and options["max_len"] < c.seq_len:
+            raise ValueError(f"model_options.max_len = {options['max_len']} is shorter than "
+                             f"seq_len = {c.seq_len}: raise max_len or leave it unset (it is "
+                             f"seq_len then).")
         model = build_model(c.model, **options).to(self.device)
         return model.to(memory_format=torch.channels_last) if c.channels_last else model
 
@@ -305,9 +381,12 @@ class Trainer:
         """The model's DEQ, or None for an explicit model."""
         return getattr(self.model, "deq", None)
 
-    def _images(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch of images as the model takes it: on the device, normalized, channels-last."""
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of images as the model takes it: on the device, normalized, channels-last
+        (a batch of tokens: on the device)."""
         x = x.to(self.device, non_blocking=True)
+        if self.text:
+            return x
         if self.mean_std is not None:
             x = (x - self.mean_std[0]) / self.mean_std[1]
         if self.config.channels_last and x.dim() == 4:
@@ -372,7 +451,7 @@ class Trainer:
         over the processes."""
         c = self.config
         epoch, x, y = self.batches(self.step)
-        x, y = self._images(x), y.to(self.device, non_blocking=True)
+        x, y = self._inputs(x), y.to(self.device, non_blocking=True)
         torch.manual_seed(self._step_seed())
         pretrain = self._set_warm_up()
         gamma, regularize = self.jac_weight(self.step), self._jac_reg_now()
@@ -382,11 +461,14 @@ class Trainer:
             self.deq.jac_probes = c.jac_reg_probes if regularize else 0
         try:
             with self._autocast():
-                logits = (self.model if self.ddp is None else self.ddp)(x)
+                if self.text:                        # mean NLL per token, from the model itself
+                    loss = (self.lm_loss if self.ddp is None else self.ddp)(x, y)
+                else:
+                    logits = (self.model if self.ddp is None else self.ddp)(x)
         finally:
             if self.deq is not None:
                 self.deq.jac_probes = 0
-        loss = F.cross_entropy(logits.float(), y)
+        loss = loss.float() if self.text else F.cross_entropy(logits.float(), y)
         jac_loss = self.deq.jac_loss if regularize else None
         total = loss + gamma * jac_loss if jac_loss is not None else loss
         self.optimizer.zero_grad(set_to_none=True)
@@ -401,56 +483,88 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         solver = self._solver_metrics()
+        acc = None if self.text else (logits.argmax(1) == y).float().mean().item()
         mean_loss, acc, mean_jac = self._all_reduce(
-            [loss.item(), (logits.argmax(1) == y).float().mean().item(),
-             jac_loss.item() if jac_loss is not None else None], "sum")
+            [loss.item(), acc, jac_loss.item() if jac_loss is not None else None], "sum")
         fwd_nfe, bwd_nfe, residual = self._all_reduce(
             [solver["fwd_nfe"], solver["bwd_nfe"], solver["residual"]], "max")
         w, elapsed = self.place.world_size, time.perf_counter() - start
-        return dict(split="train", step=self.step, epoch=epoch, loss=mean_loss / w, acc=acc / w,
-                    lr=lr, pretrain=pretrain, samples_per_s=len(y) * w / elapsed,
+        speed = ({"tokens_per_s": y.numel() * w / elapsed} if self.text
+                 else {"samples_per_s": len(y) * w / elapsed})
+        return dict(split="train", step=self.step, epoch=epoch, loss=mean_loss / w,
+                    **self._quality(mean_loss / w, acc / w if acc is not None else None),
+                    lr=lr, pretrain=pretrain, **speed,
                     jac_weight=gamma if c.jac_reg_weight or c.pretrain_jac_reg_weight else None,
                     jac_loss=mean_jac / w if mean_jac is not None else None,
                     grad_norm=grad_norm, fwd_nfe=_int(fwd_nfe), bwd_nfe=_int(bwd_nfe),
                     residual=residual)
 
+    def _quality(self, loss: float, acc: Optional[float]) -> dict:
+        """The task's own measures: accuracy for images; bits per token and perplexity for text."""
+        if not self.text:
+            return dict(acc=acc)
+        return dict(bits_per_token=bits(loss), ppl=math.exp(min(loss, 700.0)))
+
+    def _eval_batches(self, dataset, batch_size: int):
+        c, p = self.config, self.place
+        if self.text:
+            return eval_windows(dataset.tokens, batch_size, c.seq_len, rank=p.rank,
+                                world_size=p.world_size)
+        return eval_batches(dataset, batch_size, rank=p.rank, world_size=p.world_size,
+                            num_workers=c.num_workers, pin_memory=self.device.type == "cuda")
+
     @torch.no_grad()
-    def evaluate(self, batch_size: Optional[int] = None) -> dict:
-        """Loss and accuracy on the test split (mean forward NFE and worst residual for a DEQ);
-        with several processes each evaluates its share and the sums are combined."""
+    def evaluate(self, batch_size: Optional[int] = None, *, split: Optional[str] = None) -> dict:
+        """Loss and accuracy on the test split, or, for text, loss, bits per token and perplexity
+        on the validation split, every token scored once (record ``split="test"``,
+        ``eval_split="valid"``); mean forward NFE and worst residual for a DEQ. With several
+        processes each evaluates its share and the sums are combined. ``split`` scores another
+        split of the dataset instead (e.g. text's "test" at the end; ``limit_test`` applies)."""
         c = self.config
+        default = "valid" if self.text else "test"
+        own = split in (None, default)
+        dataset = self.test_set if own else self._load(split, c.limit_test, False)[0]
         self.model.eval()
         self._set_warm_up()
         loss = correct = count = nfe = batches = 0.0
         residual: Optional[float] = -math.inf
-        for x, y in eval_batches(self.test_set, batch_size or c.eval_batch_size,
-                                 rank=self.place.rank, world_size=self.place.world_size,
-                                 num_workers=c.num_workers, pin_memory=self.device.type == "cuda"):
-            x, y = self._images(x), y.to(self.device, non_blocking=True)
+        start = time.perf_counter()
+        for x, y in self._eval_batches(dataset, batch_size or c.eval_batch_size):
+            x, y = self._inputs(x), y.to(self.device, non_blocking=True)
             with self._autocast():
-                logits = self.model(x)
-            loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            count += len(y)
+                out = self.lm_loss(x, y) if self.text else self.model(x)
+            if self.text:                                  # mean NLL per token × tokens
+                loss += out.float().item() * y.numel()
+            else:
+                loss += F.cross_entropy(out.float(), y, reduction="sum").item()
+                correct += (out.argmax(1) == y).sum().item()
+            count += y.numel()
             m = self._solver_metrics()
             nfe = nfe + m["fwd_nfe"] if m["fwd_nfe"] is not None and nfe is not None else None
             residual = None if m["residual"] is None or residual is None else max(residual, m["residual"])
             batches += 1
         loss, correct, count, nfe, batches = self._all_reduce([loss, correct, count, nfe, batches], "sum")
         (residual,) = self._all_reduce([residual if residual != -math.inf else None], "max")
+        extra = {} if own and not self.text else dict(eval_split=split or default)
+        if self.text:
+            extra.update(tokens=int(count), tokens_per_s=count / (time.perf_counter() - start))
         return dict(split="test", step=self.step, epoch=(self.step - 1) // self.steps_per_epoch,
-                    loss=loss / count, acc=correct / count,
+                    loss=loss / count, **self._quality(loss / count, correct / count), **extra,
                     fwd_nfe=nfe / batches if nfe is not None else None, residual=residual,
                     **(self._jacobian_metrics() if self.place.is_main else {}))
 
     def _jacobian_metrics(self) -> dict:
-        """ρ(J) (mean and max) and ‖J‖²_F / d at the DEQ's state on the first test examples, with
+        """ρ(J) (mean and max) and ‖J‖²_F / d at the DEQ's state on the first test examples (text:
+        the first validation windows, a window's whole (seq_len, width) state as one sample), with
         fixed random draws so that successive evaluations are comparable (in float32: no autocast)."""
         n = self.config.eval_jacobian_samples
         if self.deq is None or n == 0:
             return {}
-        x = self._images(first_images(self.test_set, n))
-        _, f, z = equilibrium(self.model, x)
+        if self.text:
+            x, _ = first_windows(self.test_set.tokens, n, self.config.seq_len)
+            _, f, z = equilibrium(self.lm_loss, self._inputs(x))
+        else:
+            _, f, z = equilibrium(self.model, self._inputs(first_images(self.test_set, n)))
         rho = spectral_radius(f, z, generator=torch.Generator().manual_seed(0))
         z_in = z.detach().requires_grad_()
         with torch.enable_grad():
@@ -489,10 +603,12 @@ class Trainer:
                 rec = self.train_step()
                 self._record(rec, callback)
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}",
-                                nfe=rec["fwd_nfe"], refresh=False)
-                end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
-                if end_of_epoch:
+                quality = (dict(bpt=f"{rec['bits_per_token']:.3f}") if self.text
+                           else dict(acc=f"{rec['acc']:.2f}"))
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", **quality, nfe=rec["fwd_nfe"],
+                                refresh=False)
+                eval_every = c.eval_every or self.steps_per_epoch
+                if self.step % eval_every == 0 or self.step == self.total_steps:
                     self._record(self.evaluate(), callback)
                 every = c.checkpoint_every or self.steps_per_epoch
                 if c.checkpoint_path and (self.step % every == 0 or self.step == self.total_steps):
@@ -616,8 +732,10 @@ def main(argv=None) -> None:
             dist.destroy_process_group()
     final = [r for r in trainer.history if r["split"] == "test"][-1]
     if main_process:
-        print(f"test accuracy {final['acc']:.4f}, test loss {final['loss']:.4f}, "
-              f"forward NFE {final['fwd_nfe']}, {time.perf_counter() - start:.1f} s, "
+        quality = (f"validation loss {final['loss']:.4f} nats/token, {final['bits_per_token']:.4f} "
+                   f"bits/token, perplexity {final['ppl']:.2f}" if trainer.text
+                   else f"test accuracy {final['acc']:.4f}, test loss {final['loss']:.4f}")
+        print(f"{quality}, forward NFE {final['fwd_nfe']}, {time.perf_counter() - start:.1f} s, "
               f"{trainer.place.world_size} process(es) "
               f"(log: {config['log_path']}, checkpoint: {config['checkpoint_path']})")
 

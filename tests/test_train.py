@@ -1,13 +1,21 @@
-"""Training loop: it learns, logs, checkpoints atomically and resumes to the identical result."""
+"""Training loop: it learns, logs, checkpoints atomically and resumes to the identical result, for
+images and (with a tiny stand-in language model defined here) for text."""
 import json
+import math
+import os
+import socket
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from test_data import cifar_root, write_image_tree  # noqa: F401  (a fixture)
 
-from deqlite import train
+from deqlite import DEQ, spectral_rescale_, train
 from deqlite.configs import PRESETS, load_preset
+from deqlite.models import MODELS
 from deqlite.plots import TrainingDashboard, follow
 from deqlite.train import Trainer, TrainConfig, read_log
 
@@ -262,3 +270,190 @@ def test_jacobian_weight_schedule_warm_up_ramp_and_stop(tmp_path):
     assert trainer.jac_weight(3 * per_epoch) == 0.0                           # stopped
     with pytest.raises(ValueError, match="pretrain_jac_reg_weight"):
         TrainConfig(pretrain_jac_reg_weight=-0.1)
+
+
+# --- language models -------------------------------------------------------------------------------
+
+class CausalTanhCell(torch.nn.Module):
+    """f(z, x) = tanh(W z + U x + b) at every position of a (batch, T, width) state."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.W = torch.nn.Linear(width, width, bias=False)
+        self.U = torch.nn.Linear(width, width)
+        spectral_rescale_(self.W.weight, 0.5)
+
+    def inject(self, x):
+        return self.U(x)
+
+    def init_state(self, injection):
+        return torch.zeros_like(injection)
+
+    def forward(self, z, injection):
+        return torch.tanh(self.W(z) + injection)
+
+
+class StandInLM(torch.nn.Module):
+    """A tiny language model with the LM contract (``loss``, ``forward`` → logits): embeddings, a
+    causal convolution over the last `context` tokens, a DEQ (or one tanh) per position, a head."""
+
+    def __init__(self, *, vocab_size, max_len=64, width=24, context=4, deq=None):
+        super().__init__()
+        self.max_len, self.context = max_len, context
+        self.embed = torch.nn.Embedding(vocab_size, width)
+        self.mix = torch.nn.Conv1d(width, width, context)
+        self.deq = DEQ(CausalTanhCell(width), **deq) if deq is not None else None
+        self.head = torch.nn.Linear(width, vocab_size)
+
+    def forward(self, tokens):
+        assert tokens.shape[1] <= self.max_len
+        h = torch.nn.functional.pad(self.embed(tokens).transpose(1, 2), (self.context - 1, 0))
+        h = self.mix(h).transpose(1, 2)                          # position t sees t-3 .. t
+        return self.head(self.deq(h) if self.deq is not None else torch.tanh(h))
+
+    def loss(self, tokens, targets):
+        return torch.nn.functional.cross_entropy(self(tokens).flatten(0, 1).float(), targets.flatten())
+
+
+LM_DEQ = dict(solver="anderson", tol=1e-4, max_iter=30, on_fail="ignore")
+
+
+@pytest.fixture
+def stand_in_lm(monkeypatch):
+    """Registers the stand-in as model "stand_in_lm" for one test, which runs on one thread: its
+    tensors are tiny, and a busy machine's thread pool makes them up to 100× slower."""
+    monkeypatch.setitem(MODELS, "stand_in_lm", StandInLM)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield "stand_in_lm"
+    torch.set_num_threads(threads)
+
+
+def lm_config(tmp_path, **overrides):
+    config = dict(dataset="stdlib_chars", limit_train=20_000, limit_test=1_000, seq_len=32,
+                  model="stand_in_lm", model_options=dict(deq=LM_DEQ), batch_size=8,
+                  eval_batch_size=8, max_steps=30, eval_every=15, lr=1e-2, eval_jacobian_samples=2,
+                  log_path=str(tmp_path / "lm.jsonl"), checkpoint_path=str(tmp_path / "lm.pt"))
+    config.update(overrides)
+    return config
+
+
+def test_a_deq_language_model_learns_on_the_stdlib_corpus(tmp_path, stand_in_lm):
+    trainer = Trainer(lm_config(tmp_path, pretrain_steps=2, pretrain_depth=3))
+    assert trainer.model.embed.num_embeddings == trainer.train_set.vocab_size > 60
+    assert trainer.model.max_len == 32                                     # seq_len passed on
+    untrained = trainer.evaluate()
+    history = trainer.fit(progress=False)
+    trains = [r for r in history if r["split"] == "train"]
+    tests = [r for r in history if r["split"] == "test"]
+    assert [r["step"] for r in tests] == [15, 30] and len(trains) == 30
+    assert sum(r["loss"] for r in trains[-5:]) / 5 < trains[0]["loss"] - 0.8
+    assert tests[-1]["loss"] < untrained["loss"] - 0.3
+    assert trains[0]["pretrain"] and trains[0]["fwd_nfe"] == 3 and trains[-1]["bwd_nfe"] >= 1
+    for r in trains + tests:
+        assert "acc" not in r
+        assert r["bits_per_token"] == pytest.approx(r["loss"] / math.log(2))
+        assert r["ppl"] == pytest.approx(math.exp(r["loss"]))
+        assert r["tokens_per_s"] > 0 and (r.get("pretrain") or r["residual"] < 1e-2)
+    test = tests[-1]
+    assert test["eval_split"] == "valid" and test["tokens"] == 8 * ((1_000 - 1) // 8)
+    assert 0 < test["spectral_radius"] <= test["spectral_radius_max"] and test["jac_frobenius"] > 0
+    log = read_log(tmp_path / "lm.jsonl")
+    assert log[-1]["event"] == "done" and len(log) == len(history) + 1
+    final = trainer.evaluate(split="test")                     # the test split, at the end
+    assert final["eval_split"] == "test" and final["tokens"] == test["tokens"]
+    assert final["loss"] != test["loss"] and final["loss"] < untrained["loss"]
+
+
+def test_a_language_model_resumes_exactly(tmp_path, stand_in_lm):
+    """Warm-up, Jacobian regularization on some steps, gradient clipping and the cosine
+    schedule, interrupted mid-epoch: the resumed run ends exactly like the straight one."""
+    config = lm_config(tmp_path / "a", max_steps=10, eval_every=5, pretrain_steps=2,
+                       jac_reg_weight=0.5, jac_reg_prob=0.5, grad_clip=1.0, limit_test=600,
+                       checkpoint_every=4)
+    straight = Trainer(config)
+    straight.fit(progress=False)
+    assert any(r["jac_loss"] for r in straight.history if r["split"] == "train")
+    config.update(log_path=str(tmp_path / "b.jsonl"), checkpoint_path=str(tmp_path / "b.pt"))
+    resumed = interrupted_and_resumed(config, 7)
+    assert_same_run(straight, resumed, config["log_path"])
+    valid = lambda h: [r["loss"] for r in h if r["split"] == "test"]  # noqa: E731
+    assert valid(resumed.history) == valid(straight.history)
+
+
+def test_language_model_options_and_errors(tmp_path, stand_in_lm):
+    explicit = dict(model_options={}, log_path=None, checkpoint_path=None, eval_jacobian_samples=0)
+    record = Trainer(lm_config(tmp_path, amp="bf16", **explicit)).train_step()
+    assert record["fwd_nfe"] is None and math.isfinite(record["loss"])
+    with pytest.raises(ValueError, match="seq_len must lie in"):
+        TrainConfig(dataset="stdlib_chars", seq_len=0)
+    with pytest.raises(KeyError, match="Did you mean 'seq_len'"):
+        TrainConfig.from_dict({"seqlen": 64})
+    for option in (dict(augment=True), dict(channels_last=True), dict(normalize=[[0.5], [0.2]])):
+        with pytest.raises(ValueError, match=f"{next(iter(option))} applies to images; dataset "
+                                             f"'stdlib_chars' is text"):
+            TrainConfig(dataset="stdlib_chars", **option)
+    with pytest.raises(ValueError, match="needs a language model, and model 'deq_classifier'"):
+        Trainer(lm_config(tmp_path, model="deq_classifier", **explicit))
+    with pytest.raises(ValueError, match="needs an image model.*deq_classifier"):
+        Trainer(dict(dataset="digits", model="stand_in_lm"))
+    with pytest.raises(ValueError, match="max_len = 16 is shorter than seq_len = 32"):
+        Trainer(lm_config(tmp_path, **dict(explicit, model_options=dict(max_len=16))))
+    with pytest.raises(ValueError, match="shorter than seq_len"):
+        Trainer(lm_config(tmp_path, limit_train=200, **explicit))       # 8 rows of 24 tokens
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _lm_in_process(rank, world_size, port, config, out):
+    """One process of a language-model run started by mp.spawn (a fresh interpreter: the stand-in
+    model is registered here)."""
+    MODELS["stand_in_lm"] = StandInLM
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(config)
+        history = trainer.fit(progress=False)
+        torch.save(dict(model=trainer.model.state_dict(), history=history,
+                        rows=len(trainer.batches(0)[1])), Path(out) / f"rank{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no Gloo")
+def test_two_processes_train_a_language_model_like_one(tmp_path, stand_in_lm):
+    """Each of 2 processes takes half the rows of every window; DDP (around model.loss) averages
+    the gradients, so the run ends where one process training on all the rows ends."""
+    tight = dict(solver="anderson", tol=1e-7, max_iter=60, on_fail="ignore")
+    config = lm_config(tmp_path, model_options=dict(deq=tight), max_steps=3, eval_every=3,
+                       limit_test=400, eval_jacobian_samples=0, optimizer="sgd", lr=0.5,
+                       checkpoint_path=None)
+    mp.spawn(_lm_in_process, args=(2, free_port(), config, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["rows"] == ranks[1]["rows"] == 4
+    single = Trainer(dict(config, log_path=None))
+    single.fit(progress=False)
+    for name, p in single.model.state_dict().items():
+        assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name]), name
+        torch.testing.assert_close(ranks[0]["model"][name], p, atol=2e-6, rtol=1e-5, msg=name)
+    losses = lambda h: [r["loss"] for r in h if r["split"] == "train"]  # noqa: E731
+    assert losses(ranks[0]["history"]) == pytest.approx(losses(single.history), rel=1e-5)
+    (test,) = [r for r in read_log(tmp_path / "lm.jsonl") if r.get("split") == "test"]
+    (expected,) = [r for r in single.history if r["split"] == "test"]
+    assert test["tokens"] == expected["tokens"]
+    assert test["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def test_command_line_reports_the_validation_score(tmp_path, stand_in_lm, monkeypatch, capsys):
+    preset = lm_config(tmp_path, max_steps=4, eval_every=0, limit_test=300, eval_jacobian_samples=0)
+    monkeypatch.setattr("deqlite.configs.load_preset", lambda name: dict(preset))
+    train.main(["--config", "lm", "--set", "seq_len=16", "--log", str(tmp_path / "cli.jsonl")])
+    out = capsys.readouterr().out
+    assert "validation loss" in out and "bits/token" in out and "perplexity" in out
+    assert read_log(tmp_path / "cli.jsonl")[-1]["event"] == "done"

@@ -1,0 +1,205 @@
+"""Text: the offline standard-library corpus, WikiText's files (small ones written here in the real
+format), vocabularies, and the contiguous batching of token streams."""
+import collections
+import math
+import zipfile
+
+import pytest
+import torch
+
+from deqlite import data, text
+from deqlite.text import EOS, UNK_CHAR, UNK_WORD, StreamBatches, eval_windows
+
+
+# --- the standard-library corpus -----------------------------------------------------------------
+
+def test_stdlib_corpus_is_real_text_in_three_disjoint_splits():
+    files = text.stdlib_files()
+    names = {split: {n for n, _, s in files if s == split} for split in text.SPLITS}
+    assert all(names.values()), "every split has files"
+    assert not (names["train"] & names["valid"] or names["train"] & names["test"]
+                or names["valid"] & names["test"])
+    assert len({n for n, _, _ in files}) == len(files)                 # no file read twice
+    streams = {s: data.load_dataset("stdlib_chars", s) for s in text.SPLITS}
+    total = sum(len(t) for _, t, _ in files)
+    assert sum(len(st) for st in streams.values()) == total > 1_000_000
+    assert 60 < streams["train"].vocab_size < 200 and streams["train"].level == "char"
+    for split, stream in streams.items():                   # a split is exactly its own files
+        expected = "".join(t for _, t, s in files if s == split)
+        expected = "".join(c if c in stream.stoi else UNK_CHAR for c in expected)
+        assert stream.decode(stream.tokens) == expected, split
+    assert (streams["train"].tokens == streams["train"].unk).float().mean() < 1e-4
+    assert "def __init__(self" in streams["train"].decode(streams["train"].tokens[:200_000])
+
+
+def test_stdlib_corpus_is_deterministic_and_its_unigram_baseline_is_its_entropy():
+    first = text.stdlib_chars("valid")
+    text.stdlib_files.cache_clear()
+    text._stdlib_vocab.cache_clear()
+    again = text.stdlib_chars("valid")
+    assert torch.equal(first.tokens, again.tokens) and first.vocab == again.vocab
+    assert first.vocab == tuple(sorted(first.vocab))
+    train = text.stdlib_chars("train")
+    counts = collections.Counter(train.tokens.tolist())
+    n = sum(counts.values())
+    entropy = -sum(c / n * math.log2(c / n) for c in counts.values())
+    assert train.unigram_bits() == pytest.approx(entropy) and 3.5 < entropy < 6
+    assert first.unigram_bits() == train.unigram_bits()                 # the train split's, always
+    assert text.split_of("json.py") == text.split_of("json.py") in text.SPLITS
+
+
+def test_char_encode_decode_round_trip():
+    stream = text.stdlib_chars("test")
+    sample = "def f(x):\n    return x ** 2  # square\n"
+    ids = stream.encode(sample)
+    assert ids.dtype == torch.long and ids.shape == (len(sample),)
+    assert stream.decode(ids) == sample and stream.decode(ids.tolist()) == sample
+    assert stream.decode(ids[None]) == sample                                # a batch of one
+    with pytest.raises(ValueError, match="one sequence"):
+        stream.decode(torch.stack([ids, ids]))
+    assert stream.decode(stream.encode("é→x")) == UNK_CHAR * 2 + "x"      # rare characters
+    assert len(stream.take(10)) == 10 and stream.take(10).vocab is stream.vocab
+
+
+def test_unknown_split_names_the_valid_ones():
+    with pytest.raises(ValueError, match="'train', 'valid', 'test'"):
+        text.stdlib_chars("validation")
+
+
+# --- WikiText files --------------------------------------------------------------------------------
+
+TRAIN = (" \n = Valkyria Chronicles = \n \n the game is the third game in the series . \n"
+         " the <unk> of the game , in Japan . \n")
+VALID = " the game began in Japan . \n a zebra game \n"
+TEST = " = Title = \n the series . \n"
+
+
+def write_wikitext(root, folder="wikitext-103", train=TRAIN, valid=VALID, test=TEST):
+    path = root / folder
+    path.mkdir(parents=True, exist_ok=True)
+    for split, content in (("train", train), ("valid", valid), ("test", test)):
+        (path / f"wiki.{split}.tokens").write_text(content, encoding="utf-8")
+    return path
+
+
+def test_wikitext_vocabulary_is_the_train_words_by_frequency(tmp_path):
+    write_wikitext(tmp_path)
+    train = data.load_dataset("wikitext103", "train", root=tmp_path)
+    words = [w for line in TRAIN.split("\n")[:-1] for w in line.split() + [EOS]]
+    assert len(train) == len(words) and train.level == "word"
+    assert train.decode(train.tokens).split() == [w for w in words if w != EOS]
+    counts = collections.Counter(words)
+    expected = sorted(counts, key=lambda w: (-counts[w], words.index(w)))   # ties: first seen first
+    assert list(train.vocab) == expected
+    # <eos> and "the" 5× each (<eos> seen first), "game" 3×
+    assert train.vocab[:3] == (EOS, "the", "game")
+    assert train.train_counts.tolist() == [counts[w] for w in expected]
+    assert train.unigram_bits() == pytest.approx(
+        -sum(c / len(words) * math.log2(c / len(words)) for c in counts.values()))
+
+
+def test_wikitext_lines_end_in_eos_and_unknown_words_become_unk(tmp_path):
+    write_wikitext(tmp_path)
+    valid = text.wikitext103("valid", root=tmp_path)
+    # "began", "a" and "zebra" are not in the train split
+    assert valid.decode(valid.tokens) == f"the game {UNK_WORD} in Japan .\n{UNK_WORD} {UNK_WORD} game\n"
+    assert (valid.tokens == valid.stoi[EOS]).sum() == VALID.count("\n")
+    sample = "the game is\nin Japan . \n"
+    ids = valid.encode(sample)
+    assert valid.decode(ids) == "the game is\nin Japan .\n"            # whitespace normalized
+    assert valid.decode(ids).split() == sample.split()
+    assert valid.encode("the game").tolist() == [valid.stoi["the"], valid.stoi["game"]]   # no <eos>
+
+
+def test_wikitext_without_unk_in_train_still_maps_unknown_words(tmp_path):
+    write_wikitext(tmp_path, folder="wikitext-2", train="a b a\n", valid="a c\n", test="b\n")
+    valid = text.wikitext2("valid", root=tmp_path)
+    assert valid.vocab == ("a", EOS, "b", UNK_WORD) and valid.train_counts[-1] == 0
+    assert valid.decode(valid.tokens) == f"a {UNK_WORD}\n"
+
+
+def test_wikitext_cache_is_written_reused_and_invalidated(tmp_path):
+    folder = write_wikitext(tmp_path)
+    first = text.wikitext103("test", root=tmp_path)
+    assert (folder / text.CACHE_NAME).exists()
+    text._wikitext_tokens.cache_clear()
+    assert torch.equal(text.wikitext103("test", root=tmp_path).tokens, first.tokens)   # from file
+    (folder / "wiki.test.tokens").write_text(" = Other title = \n")
+    changed = text.wikitext103("test", root=tmp_path)
+    assert changed.decode(changed.tokens) == f"= {UNK_WORD} {UNK_WORD} =\n"
+
+
+def test_missing_wikitext_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m deqlite.data download wikitext103"):
+        data.load_dataset("wikitext103", "valid", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="download wikitext2"):
+        text.wikitext2(root=tmp_path)
+    with pytest.raises(ValueError, match="text; augmentation applies to images"):
+        data.load_dataset("stdlib_chars", augment=True)
+
+
+def test_download_unpacks_the_archive_into_place(tmp_path, monkeypatch, capsys):
+    """The download helper and ``python -m deqlite.data download``, served from a local file."""
+    source = write_wikitext(tmp_path / "source", folder="wikitext-2")
+    archive = tmp_path / "wikitext-2-v1.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in source.iterdir():
+            z.write(p, f"wikitext-2/{p.name}")
+    missing = (tmp_path / "nothing-here.zip").as_uri()
+    monkeypatch.setitem(text.WIKITEXT, "wikitext2", ("wikitext-2", [missing, archive.as_uri()]))
+    root = tmp_path / "data"
+    data.main(["download", "wikitext2", "--root", str(root)])
+    out = capsys.readouterr().out
+    assert "wikitext2 valid: 11 tokens" in out and "wikitext2 train" in out
+    assert sorted(p.name for p in root.iterdir()) == ["wikitext-2"]     # no archive or .part left
+    assert text.wikitext2("test", root=root).decode(text.wikitext2("test", root=root).tokens) \
+        == f"= {UNK_WORD} =\nthe series .\n"
+    with pytest.raises(OSError, match="could not download wikitext2"):
+        text.download_wikitext("wikitext2", root=tmp_path / "other", urls=[missing])
+
+
+# --- batches ---------------------------------------------------------------------------------------
+
+def test_stream_batches_are_shifted_windows_that_cover_the_stream():
+    tokens = torch.arange(1000)
+    batches = StreamBatches(tokens, 4, 10)                 # rows of L = 249 tokens, 24 windows
+    assert batches.steps_per_epoch == 24
+    epoch, x, y = batches(0)
+    assert epoch == 0 and x.shape == y.shape == (4, 10) and x.dtype == torch.long
+    assert torch.equal(y, x + 1)                           # targets: the next token
+    assert x[:, 0].tolist() == [0, 249, 498, 747]          # contiguous rows
+    rows = torch.cat([batches(k)[1] for k in range(24)], dim=1)
+    assert torch.equal(rows, torch.arange(4 * 249).view(4, 249)[:, :240])
+    again = StreamBatches(tokens, 4, 10)                   # a resumed run: step k is the same batch
+    for k in (5, 24 + 5, 3 * 24 + 23):
+        assert all(torch.equal(a, b) for a, b in zip(batches(k)[1:], again(k)[1:]))
+    assert batches(24 + 5)[0] == 1 and torch.equal(batches(24 + 5)[1], batches(5)[1])
+
+
+def test_evaluation_windows_score_every_token_once():
+    tokens = torch.arange(1, 1002)                          # N = 1001: L = 250 per row
+    targets = torch.cat([y.flatten() for _, y in eval_windows(tokens, 4, 16)])
+    assert sorted(targets.tolist()) == list(range(2, 1002))
+    shapes = [x.shape for x, _ in eval_windows(tokens, 4, 16)]
+    assert shapes[0] == (4, 16) and shapes[-1] == (4, 250 - 15 * 16) and len(shapes) == 16
+    assert all(torch.equal(y, x + 1) for x, y in eval_windows(tokens, 4, 16))
+
+
+def test_processes_take_disjoint_contiguous_rows():
+    tokens = torch.randint(0, 50, (2001,), generator=torch.Generator().manual_seed(0))
+    whole = StreamBatches(tokens, 6, 8)
+    parts = [StreamBatches(tokens, 6, 8, rank=r, world_size=3) for r in range(3)]
+    for k in (0, 7, 100):
+        assert parts[0](k)[1].shape == (2, 8)
+        assert torch.equal(torch.cat([p(k)[1] for p in parts]), whole(k)[1])
+        assert torch.equal(torch.cat([p(k)[2] for p in parts]), whole(k)[2])
+    eval_parts = [list(eval_windows(tokens, 6, 8, rank=r, world_size=3)) for r in range(3)]
+    for windows, alone in zip(zip(*eval_parts), eval_windows(tokens, 6, 8)):   # the same windows
+        assert torch.equal(torch.cat([x for x, _ in windows]), alone[0])
+        assert torch.equal(torch.cat([y for _, y in windows]), alone[1])
+    n_windows = [len(list(eval_windows(tokens, 2, 8, rank=r, world_size=3))) for r in range(3)]
+    assert n_windows == [125, 125, 0]                     # 3 processes, 2 rows: one has none
+    with pytest.raises(ValueError, match="divisible by the number of processes"):
+        StreamBatches(tokens, 5, 8, world_size=2)
+    with pytest.raises(ValueError, match="shorter than seq_len = 500"):
+        StreamBatches(tokens, 6, 500)
