@@ -8,6 +8,10 @@ import torch  # noqa: E402
 
 DT = torch.float64
 
+# The tests' tensors are tiny: one thread is faster than two (no barrier waits), and far steadier
+# on a shared machine. Benchmarks, not tests, measure multi-threaded speed.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
