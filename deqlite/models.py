@@ -260,3 +260,7 @@ def build_model(name: str, **options) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+from .transformer import DEQTransformerLM, TransformerLM  # noqa: E402  (the language models)
+MODELS.update(deq_transformer_lm=DEQTransformerLM, transformer_lm=TransformerLM)

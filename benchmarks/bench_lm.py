@@ -1,0 +1,164 @@
+"""Benchmark of the language models: CPU speed of the WikiText-103 DEQ-Transformer, and the
+activation memory of a DEQ against an explicit Transformer.
+
+    .venv/bin/python benchmarks/bench_lm.py                  # full width WT103 model: ~1-2 minutes
+    .venv/bin/python benchmarks/bench_lm.py --quick          # WT103 model at d_ff 4800, seconds
+    .venv/bin/python benchmarks/bench_lm.py --batch 2 --repeats 3 --threads 0
+
+1. Speed. The ``wt103_deq_transformer`` preset's model (width 700, FFN 48,000, adaptive softmax
+   over WikiText-103's 267,735 words, 94.9M parameters) on windows of 150 tokens drawn from a
+   Zipf distribution over the vocabulary (as word frequencies are): one training step in
+   equilibrium mode (Anderson forward solve, Broyden adjoint, Adam step) and one warm-up step
+   (the cell unrolled twice). Baseline, measured in the same process: one application of f (no
+   graph). At initialization the solves reach the tolerance in a few iterations; a trained model
+   uses up to the preset's caps (30 forward, 35 adjoint), so its steps cost up to ~5× more.
+2. Memory. At the ``stdlib_char_lm`` preset's size (width 64, batch 32 × 64 characters), the bytes
+   autograd saves for the backward pass of one loss (``deqlite.memory.saved_tensor_bytes``): the
+   DEQ with the implicit (IFT) backward at 5 / 15 / 30 solver iterations, the same DEQ
+   backpropagating through its iterations (``backward="unrolled"``), and the explicit
+   ``transformer_lm`` with 1 / 4 / 15 / 30 layers, with the time of a training step of each.
+   Baseline: the DEQ (IFT) at 15 iterations.
+
+Times are medians of ``--repeats`` runs after one untimed run, on ``--threads`` CPU threads
+(default 1: on a machine shared with other jobs a multi-threaded op waits for a descheduled
+thread at every barrier).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from deqlite.configs import load_preset
+from deqlite.memory import saved_tensor_bytes
+from deqlite.models import build_model, count_parameters
+from deqlite.train import OPTIMIZERS
+
+WT103_VOCAB = 267735
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()                                                   # untimed: allocator warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def zipf_tokens(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Token ids with p(w) ∝ 1 / (w + 1): frequent words first, as WikiText-103's vocabulary."""
+    weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    ids = torch.multinomial(weights, batch * (length + 1), replacement=True,
+                            generator=torch.Generator().manual_seed(seed))
+    return ids.view(batch, length + 1)
+
+
+def train_step_fn(model, config, x, y):
+    optimizer = OPTIMIZERS[config["optimizer"]](model.parameters(), lr=config["lr"])
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.get("grad_clip") or 1e9)
+        optimizer.step()
+    return step
+
+
+def bench_speed(batch: int, repeats: int, quick: bool) -> dict:
+    config = load_preset("wt103_deq_transformer")
+    options = dict(config["model_options"])
+    if quick:
+        options["d_ff"] = 4800
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    model = build_model(config["model"], vocab_size=WT103_VOCAB, **options).train()
+    t_build = time.perf_counter() - start
+    data = zipf_tokens(WT103_VOCAB, batch, config["seq_len"])
+    x, y = data[:, :-1], data[:, 1:]
+    step = train_step_fn(model, config, x, y)
+    with torch.no_grad():                                  # baseline: f at a typical state
+        f, z, _ = model.deq.fixed_point_map(model.embed_tokens(x))
+        z = f(f(z))
+        t_f = median_time(lambda: f(z), max(3, repeats))
+    model.deq.pretrain_steps = 0
+    t_deq = median_time(step, repeats)
+    nfe = (model.deq.forward_stats.nfe, model.deq.backward_stats.nfe)
+    model.deq.pretrain_steps = config["pretrain_depth"]
+    t_warm = median_time(step, repeats)
+    return dict(params=count_parameters(model), d_ff=options["d_ff"], t_build=t_build, t_f=t_f,
+                t_deq=t_deq, t_warm=t_warm, nfe=nfe, tokens=x.numel(),
+                depth=config["pretrain_depth"], batch=batch, seq_len=config["seq_len"])
+
+
+def bench_memory(repeats: int) -> list:
+    config = load_preset("stdlib_char_lm")
+    options = dict(config["model_options"])
+    deq_options = options.pop("deq")
+    vocab, batch, length = 97, config["batch_size"], config["seq_len"]
+    data = torch.randint(0, vocab, (batch, length + 1), generator=torch.Generator().manual_seed(0))
+    x, y = data[:, :-1], data[:, 1:]
+    variants = [(f"DEQ, IFT, {n} iterations", "deq_transformer_lm",
+                 dict(deq=dict(deq_options, tol=0, max_iter=n, backward_max_iter=n)))
+                for n in (5, 15, 30)]
+    variants.append(("DEQ, unrolled backprop, 15 iterations", "deq_transformer_lm",
+                     dict(deq=dict(deq_options, tol=0, max_iter=15, backward="unrolled"))))
+    variants += [(f"explicit, {n} layer{'s' * (n > 1)}", "transformer_lm", dict(n_layers=n))
+                 for n in (1, 4, 15, 30)]
+    rows = []
+    for label, name, extra in variants:
+        torch.manual_seed(0)
+        model = build_model(name, vocab_size=vocab, **options, **extra).train()
+        _, saved = saved_tensor_bytes(model.loss, x, y)
+        t_step = median_time(train_step_fn(model, config, x, y), repeats)
+        rows.append(dict(label=label, params=count_parameters(model), saved=saved, t_step=t_step,
+                         tokens=x.numel()))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="WT103 model with d_ff 4800 instead of 48000 (a smoke run)")
+    parser.add_argument("--batch", type=int, default=2, help="windows of 150 tokens (WT103 model)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--memory-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device cpu, float32")
+
+    r = bench_speed(args.batch, args.repeats, args.quick)
+    width = "REDUCED width (--quick): d_ff 4800" if args.quick else "full width: d_ff 48000"
+    print(f"\n## wt103_deq_transformer, {width}: one training step on CPU (medians of "
+          f"{args.repeats}; baseline: one application of f, no graph)\n")
+    print(f"{r['params']:,} parameters, built in {r['t_build']:.1f} s; batch {r['batch']} × "
+          f"{r['seq_len']} tokens = {r['tokens']} tokens per step\n")
+    print("| step | time (s) | tokens/s | cost in f | fwd/bwd NFE |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| f alone | {r['t_f']:.3f} | {r['tokens'] / r['t_f']:.0f} | 1 | - |")
+    print(f"| equilibrium (IFT) | {r['t_deq']:.2f} | {r['tokens'] / r['t_deq']:.1f} | "
+          f"{r['t_deq'] / r['t_f']:.0f} | {r['nfe'][0]}/{r['nfe'][1]} |")
+    print(f"| warm-up (depth {r['depth']}) | {r['t_warm']:.2f} | {r['tokens'] / r['t_warm']:.1f} | "
+          f"{r['t_warm'] / r['t_f']:.0f} | - |")
+
+    rows = bench_memory(args.memory_repeats)
+    base = next(row for row in rows if row["label"] == "DEQ, IFT, 15 iterations")
+    print(f"\n## Activation memory at the stdlib_char_lm size (width 64, batch 32 × 64): bytes "
+          f"saved for backward, training step time (median of {args.memory_repeats}); "
+          f"baseline: DEQ, IFT, 15 iterations\n")
+    print("| model | parameters | saved for backward (MB) | memory ratio | step (ms) | tokens/s | "
+          "time ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['label']} | {row['params']:,} | {row['saved'] / 2**20:.1f} | "
+              f"{row['saved'] / base['saved']:.2f} | {row['t_step'] * 1e3:.0f} | "
+              f"{row['tokens'] / row['t_step']:.0f} | {row['t_step'] / base['t_step']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
