@@ -26,11 +26,11 @@ thread at every barrier).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
+from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 from deqlite.configs import load_preset
 from deqlite.memory import saved_tensor_bytes
 from deqlite.models import build_model, count_parameters
@@ -39,14 +39,6 @@ from deqlite.train import OPTIMIZERS
 WT103_VOCAB = 267735
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()                                                   # untimed: allocator warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def zipf_tokens(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:

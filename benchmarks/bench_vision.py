@@ -18,12 +18,11 @@ one f.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 from deqlite.configs import load_preset
 from deqlite.models import build_model, count_parameters
 from deqlite.train import OPTIMIZERS
@@ -44,14 +43,6 @@ def shrink(options: dict) -> dict:
             "groups": 4}
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()                                                   # untimed: allocator and kernel warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_preset(name: str, batch: int, repeats: int, quick: bool) -> dict:

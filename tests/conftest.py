@@ -35,3 +35,12 @@ def linear_problem(d=12, batch=5, norm=0.9, seed=0):
     b = torch.randn(batch, d, generator=g, dtype=DT)
     z_exact = torch.linalg.solve(torch.eye(d, dtype=DT) - W, b.T).T
     return W, b, z_exact
+
+
+def torchrun_env(rank: int, world_size: int, port: int) -> None:
+    """Set the environment torchrun gives process `rank` of a run on this machine (for tests that
+    start their processes with torch.multiprocessing.spawn), one thread each."""
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun_env
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_data import write_image_tree
@@ -73,9 +74,7 @@ def test_torchrun_two_processes_step_like_one_process_on_the_global_batch(tmp_pa
 
 def _train_in_process(rank, world_size, port, config, out):
     """One process of a run started by mp.spawn, with the environment torchrun would set."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    torchrun_env(rank, world_size, port)
     try:
         trainer = Trainer(config)
         history = trainer.fit(progress=False)

@@ -2,12 +2,12 @@
 images and (with a tiny stand-in language model defined here) for text."""
 import json
 import math
-import os
 import socket
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun_env
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -413,9 +413,7 @@ def _lm_in_process(rank, world_size, port, config, out):
     """One process of a language-model run started by mp.spawn (a fresh interpreter: the stand-in
     model is registered here)."""
     MODELS["stand_in_lm"] = StandInLM
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    torchrun_env(rank, world_size, port)
     try:
         trainer = Trainer(config)
         history = trainer.fit(progress=False)
