@@ -81,3 +81,9 @@ def check_range(value: Any, name: str, *, low: float | None = None, high: float 
         hi = "inf" if high is None else high
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must lie in {bracket}{lo}, {hi}], got {value!r}.")
+
+
+def check_positive_ints(**values: Any) -> None:
+    """Each keyword's value is an integer ≥ 1 (sizes: widths, heads, classes, ...)."""
+    for name, value in values.items():
+        check_range(value, name, low=1, integer=True)

@@ -51,10 +51,6 @@ def _tensors(state) -> list:
     return [state] if isinstance(state, torch.Tensor) else list(state)
 
 
-def _detach(state):
-    return state.detach() if isinstance(state, torch.Tensor) else [t.detach() for t in state]
-
-
 class DEQConvergenceWarning(RuntimeWarning):
     """A forward or adjoint solve stopped before every sample reached the tolerance."""
 
@@ -142,12 +138,12 @@ class DEQ(nn.Module):
         """``(f, z0_flat, spec)`` for the input x: the map f(z) = cell(z, inject(x)) on flat states
         (batch, D), the flat starting state, and the spec that ``unflatten_state`` needs to give
         a state its own shape(s) back (a cell may keep a list of tensors, e.g. one per scale).
-        ``f.injection`` holds inject(x); ``f(z, other_injection)`` applies the cell with another."""
+        ``f.injection`` holds inject(x)."""
         check_tensor(x, "x")
         injection = self.cell.inject(x)
         z0_flat, spec = flatten_state(self.cell.init_state(injection) if z0 is None else z0, "z0")
 
-        def f(z: torch.Tensor, injection=injection) -> torch.Tensor:
+        def f(z: torch.Tensor) -> torch.Tensor:
             return flatten_state(self.cell(unflatten_state(z, spec), injection), check=False)[0]
 
         f.injection = injection

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ._validate import check_options, check_range, lookup
+from ._validate import check_options, check_positive_ints, check_range, lookup
 from .cells import ConvCell, MLPCell, MultiscaleCell
 from .deq import DEQ
 
@@ -61,9 +61,8 @@ class DEQClassifier(nn.Module):
                  channels: int = 16, hidden: int = 128, weight_scale: float = 0.7,
                  deq: Optional[Mapping[str, Any]] = None):
         super().__init__()
-        for name, value in dict(in_channels=in_channels, image_size=image_size,
-                                n_classes=n_classes, channels=channels, hidden=hidden).items():
-            check_range(value, name, low=1, integer=True)
+        check_positive_ints(in_channels=in_channels, image_size=image_size,
+                            n_classes=n_classes, channels=channels, hidden=hidden)
         self.stem = conv_stem(in_channels, channels)
         self.cell = MLPCell(_stem_features(in_channels, image_size, channels), hidden,
                             weight_scale=weight_scale)
@@ -164,7 +163,7 @@ class MultiscaleHead(nn.Module):
         return self.final(y).mean((2, 3))
 
 
-def _check_positive_ints(values: Sequence[int], name: str) -> list:
+def _positive_int_list(values: Sequence[int], name: str) -> list:
     if isinstance(values, int) or not isinstance(values, (list, tuple)) or not values:
         raise TypeError(f"{name} must be a non-empty list of integers, got {values!r}.")
     for i, v in enumerate(values):
@@ -188,9 +187,8 @@ class ConvDEQClassifier(nn.Module):
                  weight_norm: bool = True, downsample: int = 1,
                  deq: Optional[Mapping[str, Any]] = None):
         super().__init__()
-        for name, value in dict(in_channels=in_channels, image_size=image_size,
-                                n_classes=n_classes, channels=channels).items():
-            check_range(value, name, low=1, integer=True)
+        check_positive_ints(in_channels=in_channels, image_size=image_size,
+                            n_classes=n_classes, channels=channels)
         check_range(downsample, "downsample", low=0, integer=True)
         self.stem = image_stem(in_channels, channels, downsample=downsample, groups=groups)
         self.cell = ConvCell(channels, channels, expansion=expansion, groups=groups,
@@ -227,12 +225,11 @@ class MDEQClassifier(nn.Module):
                  dropout: float = 0.0, weight_norm: bool = True, downsample: int = 0,
                  deq: Optional[Mapping[str, Any]] = None):
         super().__init__()
-        for name, value in dict(in_channels=in_channels, image_size=image_size,
-                                n_classes=n_classes, final_channels=final_channels).items():
-            check_range(value, name, low=1, integer=True)
+        check_positive_ints(in_channels=in_channels, image_size=image_size,
+                            n_classes=n_classes, final_channels=final_channels)
         check_range(downsample, "downsample", low=0, integer=True)
-        channels = _check_positive_ints(channels, "channels")
-        head_channels = _check_positive_ints(head_channels, "head_channels")
+        channels = _positive_int_list(channels, "channels")
+        head_channels = _positive_int_list(head_channels, "head_channels")
         if len(head_channels) != len(channels):
             raise ValueError(f"head_channels needs one width per branch: channels has "
                              f"{len(channels)} entries, head_channels {len(head_channels)}.")

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._validate import check_options, check_range, check_tensor, lookup
+from ._validate import check_options, check_positive_ints, check_range, check_tensor, lookup
 from .deq import DEQ
 
 NORMS = ("post", "pre")
@@ -105,8 +105,7 @@ class TransformerCell(nn.Module):
     def __init__(self, d_model: int, n_heads: int, d_ff: int, *, dropout: float = 0.0,
                  norm: str = "post"):
         super().__init__()
-        for name, value in dict(d_model=d_model, n_heads=n_heads, d_ff=d_ff).items():
-            check_range(value, name, low=1, integer=True)
+        check_positive_ints(d_model=d_model, n_heads=n_heads, d_ff=d_ff)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads} (each head "
                              f"gets d_model / n_heads features); change one of them.")
@@ -231,8 +230,7 @@ class _LanguageModel(nn.Module):
                  positions: str, tie_weights: bool, cutoffs: Optional[Sequence[int]],
                  div_value: float):
         super().__init__()
-        for name, value in dict(vocab_size=vocab_size, d_model=d_model, max_len=max_len).items():
-            check_range(value, name, low=1, integer=True)
+        check_positive_ints(vocab_size=vocab_size, d_model=d_model, max_len=max_len)
         _check_dropout(dropout)
         lookup(POSITIONS, positions, "positions")
         if not isinstance(tie_weights, bool):
