@@ -58,6 +58,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from ._files import atomic_save
 from ._validate import check_range, lookup
 
 SPLITS = ("train", "valid", "test")
@@ -319,13 +320,9 @@ def _wikitext_tokens(folder: Path, signature: tuple) -> tuple:
 
 
 def _save_cache(data: dict, path: Path) -> None:
-    """Write atomically (a temporary file renamed over `path`; processes writing at the same time
-    each rename a complete file); a read-only data folder just goes without a cache."""
+    """Write atomically (``atomic_save``); a read-only data folder just goes without a cache."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(data, fh)
-        os.replace(tmp, path)
+        atomic_save(data, path)
     except OSError as e:
         warnings.warn(f"could not cache the tokenized text in {path} ({e}); it is tokenized "
                       f"again in every process.", stacklevel=3)

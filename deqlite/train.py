@@ -95,7 +95,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -104,6 +104,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from ._files import atomic_save
 from ._validate import check_range, did_you_mean, keyword_options, lookup
 from .data import (TrainBatches, eval_batches, first_images, image_shape, load_dataset,
                    num_classes, take)
@@ -229,23 +230,6 @@ def _check_normalize(value) -> None:
         raise ValueError(f"normalize must be [mean, std], two lists with one number per channel "
                          f"(std > 0), e.g. [[0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]]; "
                          f"got {value!r}.")
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, then rename it over `path`: an interrupted
-    write leaves the previous checkpoint intact (os.replace is atomic on one file system)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:

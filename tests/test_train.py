@@ -89,7 +89,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         trainer.save_checkpoint()
     monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "run.pt").read_bytes() == good
-    assert not (tmp_path / "run.pt.tmp").exists()
+    assert [p.name for p in tmp_path.glob("run.pt*")] == ["run.pt"]   # no temporary file left
     assert Trainer.resume(str(tmp_path / "run.pt")).step == 0
 
 
