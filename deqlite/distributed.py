@@ -55,6 +55,20 @@ def init_distributed(place: Place, device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def shutdown_distributed(wait: bool = True) -> None:
+    """Leave the process group, if one was joined. With ``wait`` (after a run that finished) every
+    process first waits for the others at a barrier, so none tears its connections down while a
+    peer may still be talking to it; pass ``wait=False`` when leaving on an error, as the peers may
+    never reach the barrier."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def all_reduce(values: list, op: str, place: Place, device: torch.device) -> list:
     """Combine per-process numbers over the processes, ``op`` "sum" or "max"; None (a number
     no process has) stays None. One process: unchanged."""

@@ -109,7 +109,7 @@ from ._validate import check_range, did_you_mean, keyword_options, lookup
 from .data import (TrainBatches, eval_batches, first_images, image_shape, load_dataset,
                    num_classes, take)
 from .diagnostics import equilibrium
-from .distributed import Place, all_reduce, init_distributed, resolve_device
+from .distributed import Place, all_reduce, init_distributed, resolve_device, shutdown_distributed
 from .jacobian import hutchinson_frobenius, spectral_radius
 from .models import MODELS, build_model
 from .text import StreamBatches, TokenStream, bits, eval_windows, first_windows, is_text
@@ -701,6 +701,7 @@ def main(argv=None) -> None:
     if args.checkpoint:
         config["checkpoint_path"] = args.checkpoint
     main_process = Place.from_env().is_main
+    finished = False
     try:
         if args.resume and Path(config["checkpoint_path"]).exists():
             trainer = Trainer.resume(config["checkpoint_path"], log_path=config["log_path"],
@@ -711,9 +712,9 @@ def main(argv=None) -> None:
             trainer = Trainer(config)
         start = time.perf_counter()
         trainer.fit()
+        finished = True
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(wait=finished)
     final = [r for r in trainer.history if r["split"] == "test"][-1]
     if main_process:
         quality = (f"validation loss {final['loss']:.4f} nats/token, {final['bits_per_token']:.4f} "

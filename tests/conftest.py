@@ -3,6 +3,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import contextlib  # noqa: E402
+import os  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -37,10 +40,19 @@ def linear_problem(d=12, batch=5, norm=0.9, seed=0):
     return W, b, z_exact
 
 
-def torchrun_env(rank: int, world_size: int, port: int) -> None:
-    """Set the environment torchrun gives process `rank` of a run on this machine (for tests that
-    start their processes with torch.multiprocessing.spawn), one thread each."""
-    import os
+@contextlib.contextmanager
+def torchrun_process(rank: int, world_size: int, port: int):
+    """Inside: the environment torchrun gives process `rank` of a run on this machine (for tests
+    that start their processes with torch.multiprocessing.spawn), one thread each. On the way out
+    the process group, if the body joined one, is left as `deqlite.train`'s command line leaves it
+    (after a barrier when the body finished, at once on an error)."""
+    from deqlite.distributed import shutdown_distributed
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        shutdown_distributed(wait=finished)

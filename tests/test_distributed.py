@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import torchrun_env
+from conftest import torchrun_process
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_data import write_image_tree
@@ -74,15 +74,11 @@ def test_torchrun_two_processes_step_like_one_process_on_the_global_batch(tmp_pa
 
 def _train_in_process(rank, world_size, port, config, out):
     """One process of a run started by mp.spawn, with the environment torchrun would set."""
-    torchrun_env(rank, world_size, port)
-    try:
+    with torchrun_process(rank, world_size, port):
         trainer = Trainer(config)
         history = trainer.fit(progress=False)
         torch.save(dict(model=trainer.model.state_dict(), history=history,
                         batch=len(trainer.batches.indices(0))), Path(out) / f"rank{rank}.pt")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @needs_gloo

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import torchrun_env
+from conftest import torchrun_process
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -413,15 +413,11 @@ def _lm_in_process(rank, world_size, port, config, out):
     """One process of a language-model run started by mp.spawn (a fresh interpreter: the stand-in
     model is registered here)."""
     MODELS["stand_in_lm"] = StandInLM
-    torchrun_env(rank, world_size, port)
-    try:
+    with torchrun_process(rank, world_size, port):
         trainer = Trainer(config)
         history = trainer.fit(progress=False)
         torch.save(dict(model=trainer.model.state_dict(), history=history,
                         rows=len(trainer.batches(0)[1])), Path(out) / f"rank{rank}.pt")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no Gloo")
