@@ -179,6 +179,45 @@ def _write(buffer: torch.Tensor, index, value: torch.Tensor) -> torch.Tensor:
     return buffer
 
 
+class AndersonMixer:
+    """Anderson's history: the last m iterates x_i, their images f_i and residuals g_i = f_i − x_i
+    in ring buffers, with the Gram matrix of the residuals. ``step(x, fx, frozen)`` adds a pair
+    and returns the next iterate (rows marked ``frozen`` stay as they are). ``anderson`` below is
+    this plus the bookkeeping every solver shares; ``deqlite.jiio`` mixes its joint state with it.
+
+    Args: batch, dim (the flat state's shape), m, beta, lam (see ``anderson``), like (a tensor
+    whose dtype and device the buffers take)."""
+
+    def __init__(self, batch: int, dim: int, *, m: int, beta: float, lam: float, like: torch.Tensor):
+        check_range(m, "m", low=1, integer=True)
+        check_range(beta, "beta", low=0, high=1, low_open=True)
+        check_range(lam, "lam", low=0)
+        self.m, self.beta, self.lam, self.k = m, beta, lam, 0
+        self.X, self.F, self.G = (like.new_zeros(batch, m, dim) for _ in range(3))
+        self.gram = torch.zeros(batch, m, m, dtype=torch.float64, device=like.device)
+
+    def step(self, x: torch.Tensor, fx: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+        frozen = frozen[:, None]
+        slot, n = self.k % self.m, min(self.k + 1, self.m)
+        g = torch.where(frozen, 0.0, fx - x)
+        every = slice(None)
+        self.X, self.F = _write(self.X, (every, slot), x), _write(self.F, (every, slot), fx)
+        self.G = _write(self.G, (every, slot), g)
+        row = (self.G[:, :n] * g[:, None]).sum(-1).double()                  # g_i · g_new
+        self.gram = _write(self.gram, (every, slot, slice(0, n)), row)
+        self.gram = _write(self.gram, (every, slice(0, n), slot), row)
+        H = self.gram[:, :n, :n]
+        eye = torch.eye(n, dtype=H.dtype, device=H.device)
+        scale = H.diagonal(dim1=1, dim2=2).mean(-1) + torch.finfo(torch.float32).tiny
+        y = torch.linalg.solve(H + (self.lam * scale)[:, None, None] * eye,
+                               torch.ones_like(H[..., 0]))                   # H y = 1
+        alpha = (y / y.sum(-1, keepdim=True)).to(x.dtype)[:, None, :]       # (batch, 1, n)
+        F = self.F[:, :n]
+        mixed = F if self.beta == 1 else self.beta * F + (1 - self.beta) * self.X[:, :n]
+        self.k += 1
+        return torch.where(frozen, x, (alpha @ mixed).squeeze(1))
+
+
 def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
              m: int = 5, beta: float = 1.0, lam: float = 1e-4,
              callback: Optional[Callback] = None):
@@ -198,38 +237,17 @@ def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     uniform averaging and makes Anderson crawl exactly when it is close; scaling keeps λ a
     relative (scale-free) amount of damping.
 
-    The history is a ring of m slots; each step overwrites the oldest and adds one row and column
-    to the Gram matrix G Gᵀ (O(m·D) work, not O(m²·D)). The small n×n systems are solved in float64.
+    The history (``AndersonMixer``) is a ring of m slots; each step overwrites the oldest and adds
+    one row and column to the Gram matrix G Gᵀ (O(m·D) work, not O(m²·D)). The small n×n systems
+    are solved in float64.
     """
-    check_range(m, "m", low=1, integer=True)
-    check_range(beta, "beta", low=0, high=1, low_open=True)
-    check_range(lam, "lam", low=0)
     tr = _Tracker("anderson", f, z0, tol, max_iter, stop, callback)
     x = tr.z0
-    batch, dim = x.shape
-    X, F, G = (x.new_zeros(batch, m, dim) for _ in range(3))          # ring buffers
-    gram = torch.zeros(batch, m, m, dtype=torch.float64, device=x.device)
+    mixer = AndersonMixer(*x.shape, m=m, beta=beta, lam=lam, like=x)
     fx = tr.evaluate(x)
-    k = 0
     while tr.nfe < max_iter and not tr.all_frozen():
-        frozen = tr.frozen[:, None]
-        slot, n = k % m, min(k + 1, m)
-        g = torch.where(frozen, 0.0, fx - x)
-        X, F, G = _write(X, (slice(None), slot), x), _write(F, (slice(None), slot), fx), \
-            _write(G, (slice(None), slot), g)
-        row = (G[:, :n] * g[:, None]).sum(-1).double()                  # g_i · g_new
-        gram = _write(gram, (slice(None), slot, slice(0, n)), row)
-        gram = _write(gram, (slice(None), slice(0, n), slot), row)
-        H = gram[:, :n, :n]
-        eye = torch.eye(n, dtype=H.dtype, device=H.device)
-        scale = H.diagonal(dim1=1, dim2=2).mean(-1) + torch.finfo(torch.float32).tiny
-        y = torch.linalg.solve(H + (lam * scale)[:, None, None] * eye,
-                               torch.ones_like(H[..., 0]))                   # H y = 1
-        alpha = (y / y.sum(-1, keepdim=True)).to(x.dtype)[:, None, :]       # (batch, 1, n)
-        mixed = F[:, :n] if beta == 1 else beta * F[:, :n] + (1 - beta) * X[:, :n]
-        x = torch.where(frozen, x, (alpha @ mixed).squeeze(1))
+        x = mixer.step(x, fx, tr.frozen)
         fx = tr.evaluate(x)
-        k += 1
     return tr.finish()
 
 
