@@ -6,6 +6,7 @@ Options are keyword-only and validated; an unknown option is an error, never sil
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from typing import Any, Callable, Iterable, Mapping
 
@@ -49,6 +50,16 @@ def check_options(fn: Callable, options: Mapping[str, Any], what: str) -> None:
         if key not in valid:
             raise TypeError(f"{what} got an unknown option {key!r}.{did_you_mean(key, valid)} "
                             f"Valid options: {', '.join(valid)}.")
+
+
+def strict_options(fn: Callable) -> Callable:
+    """Decorate a function whose options are keyword-only: a mistyped option is a TypeError that
+    names it, suggests the closest valid one and lists them all (Python's own message does not)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        check_options(fn, kwargs, f"{fn.__name__}()")
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 def check_tensor(t: Any, name: str, *, min_dim: int = 1) -> None:

@@ -73,6 +73,53 @@ class DEQClassifier(nn.Module):
         return self.head(self.deq(self.stem(images)))
 
 
+class DEQDecoder(nn.Module):
+    """A generator without an encoder: latent code x → DEQ over an MLPCell (x injected) → linear
+    head → sigmoid pixels. Its latent codes are found by optimizing the input (``deqlite.jiio``),
+    as in Gurumurthy et al. (NeurIPS 2021).
+
+    Args:
+        latent: size of the code x; hidden: size of the equilibrium state z.
+        image_size, channels: the images' shape (channels, image_size, image_size).
+        weight_scale: initial spectral norm of the cell's W.
+        deq: keyword arguments of ``deqlite.DEQ``.
+    """
+
+    def __init__(self, *, latent: int = 16, hidden: int = 128, image_size: int = 28,
+                 channels: int = 1, weight_scale: float = 0.7,
+                 deq: Optional[Mapping[str, Any]] = None):
+        super().__init__()
+        check_positive_ints(latent=latent, hidden=hidden, image_size=image_size, channels=channels)
+        self.latent, self.image_shape = latent, (channels, image_size, image_size)
+        self.cell = MLPCell(latent, hidden, weight_scale=weight_scale)
+        self.deq = _deq(self.cell, deq)
+        self.head = nn.Linear(hidden, channels * image_size * image_size)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (batch, C, H, W) in [0, 1] from equilibrium states z."""
+        return torch.sigmoid(self.head(z)).reshape(-1, *self.image_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.deq(x))
+
+    def objective(self, images: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
+                  prior: float = 1e-3):
+        """ℓ(z, x) = Σ_pixels mask · (decode(z) − images)² + prior · ‖x‖², one value per sample:
+        the loss of a reconstruction (mask None), of inpainting (mask 1 on the observed pixels)
+        or of denoising (noisy images), for ``deqlite.jiio``."""
+        check_range(prior, "prior", low=0)
+        if images.shape[1:] != self.image_shape:
+            raise ValueError(f"images have shape {tuple(images.shape)}; this decoder makes "
+                             f"(batch, {', '.join(map(str, self.image_shape))}).")
+
+        def loss(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            error = (self.decode(z) - images) ** 2
+            if mask is not None:
+                error = error * mask
+            return error.flatten(1).sum(1) + prior * x.pow(2).sum(1)
+        return loss
+
+
 class ExplicitClassifier(nn.Module):
     """The same stem and head around two explicit (not weight-tied) tanh layers with the DEQ cell's
     parameter count (+ one bias vector)."""
