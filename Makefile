@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deqlite-installed
+BROWSER_STAMP := $(VENV)/.deqlite-browser-installed
 
-.PHONY: install lab test clean
+.PHONY: install lab test test-browser clean
 
 install: $(STAMP)
 
@@ -23,5 +24,15 @@ lab: install
 test: install
 	DEQLITE_FAST=1 $(BIN)/python -m pytest tests --nbval-lax notebooks/*.ipynb
 
+# The notebooks as a learner meets them: JupyterLab in headless Chromium (tests/browser/).
+# Installs Debian's chromium with apt-get when it is missing; screenshots go to test-artifacts/browser/.
+$(BROWSER_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,browser]'
+	@touch $@
+
+test-browser: install $(BROWSER_STAMP)
+	bash tests/browser/ensure_chromium.sh
+	$(BIN)/python -m pytest tests/browser -v
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache test-artifacts

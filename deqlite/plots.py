@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import time
+import warnings
 from typing import Iterable, Mapping, Optional
 
 import torch
@@ -32,7 +33,11 @@ def _in_notebook() -> bool:
 
 def _figure_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    with warnings.catch_warnings():
+        # A live plot's first frame may have a single y value (a log axis with only the `tol`
+        # line): matplotlib widens the range itself, but would print a warning for the learner.
+        warnings.filterwarnings("ignore", message="Attempting to set identical low and high")
+        fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     return buffer.getvalue()
 
 

@@ -131,3 +131,14 @@ def test_figures_display_as_pictures_in_a_notebook_without_pyplot(monkeypatch):
     fig.add_subplot().plot([0, 1])
     data, _ = shell.display_formatter.format(fig)
     assert data["image/png"][:4] == b"\x89PNG"
+
+
+def test_a_live_plots_first_frame_draws_without_a_warning_for_the_learner():
+    """The empty residual plot (a log axis whose only y value is the `tol` line) used to print
+    matplotlib's 'identical low and high ylims' warning in the learner's notebook."""
+    import warnings
+    from deqlite.plots import LiveResidualPlot, _figure_png
+    plot = LiveResidualPlot(["anderson"], tol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _figure_png(plot.fig).startswith(b"\x89PNG")
