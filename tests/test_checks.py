@@ -129,12 +129,126 @@ def causal_attention(q, k, v, mask=True, scale=True, diagonal=0):
     return scores.softmax(-1) @ v
 
 
+def neumann_adjoint(vjp, grad, k, terms_offset=0, skip_first=False, vjp_of_sum=False):
+    g, term = torch.zeros_like(grad), grad
+    for i in range(k + terms_offset):
+        if not (skip_first and i == 0):
+            g = g + term
+        term = vjp(g if vjp_of_sum else term)
+    return g
+
+
+def neumann_adjoint_horner(vjp, grad, k):
+    """The same sum by Horner's rule, g ← Jᵀ g + grad k times from g = 0: must pass."""
+    g = torch.zeros_like(grad)
+    for _ in range(k):
+        g = vjp(g) + grad
+    return g
+
+
 def unigram_bits(counts, drop_zeros=True, base2=True):
     p = counts / counts.sum()
     if drop_zeros:
         p = p[p > 0]
     return float(-(p * (p.log2() if base2 else p.log())).sum())
 
+
+def project_l2_ball(x, center, radius, always_rescale=False, batch_norm=False, row_norm=False,
+                    around_zero=False):
+    d = x if around_zero else x - center
+    if batch_norm:
+        norm = d.norm().expand(x.shape[0])                      # one norm for the whole batch
+    elif row_norm:
+        norm = d.norm(dim=-1, keepdim=True)                     # per row of pixels
+    else:
+        norm = d.flatten(1).norm(dim=1)
+    shape = norm.shape if row_norm else (-1, *[1] * (x.dim() - 1))
+    scale = radius / norm.clamp_min(1e-300) if always_rescale else \
+        torch.clamp(radius / norm.clamp_min(1e-300), max=1.0)
+    d = d * scale.reshape(shape)
+    return d if around_zero else center + d
+
+
+def project_l2_ball_direction(x, center, radius):
+    """direction d/‖d‖ times the clipped length min(‖d‖, r): 0/0 = NaN at the center."""
+    d = x - center
+    norm = d.flatten(1).norm(dim=1).reshape(-1, *[1] * (x.dim() - 1))
+    return center + d / norm * norm.clamp(max=radius)
+
+
+def project_l2_ball_where(x, center, radius):
+    """A correct alternative: leave points inside alone, rescale the others."""
+    d = (x - center).flatten(1)
+    norm = d.norm(dim=1, keepdim=True)
+    outside = norm > radius
+    d = torch.where(outside, d * radius / torch.where(outside, norm, 1.0), d)
+    return center + d.reshape(x.shape)
+
+
+def augmented_map(f, loss, z, mu, x, alpha, project, sign=-1, transpose=True,
+                  adjoint_loss=True, projection=True, loss_at_fz=False, two_passes=False):
+    z, x = z.detach().requires_grad_(), x.detach().requires_grad_()
+    fz = f(z, x)
+    obj = loss(fz if loss_at_fz else z, x).sum()
+    if two_passes:                                               # right, but twice the work
+        adj, gx = torch.autograd.grad((fz * mu).sum(), (z, x))
+        fz2 = f(z, x)
+        lz, lx = torch.autograd.grad(loss(z, x).sum() + 0 * fz2.sum(), (z, x))
+        adj, gx = adj + lz, gx + lx
+    elif transpose:
+        adj, gx = torch.autograd.grad((fz * mu).sum() + (obj if adjoint_loss else 0), (z, x))
+        if not adjoint_loss:
+            gx = gx + torch.autograd.grad(loss(z, x).sum(), x)[0]
+    else:                                                        # J_z μ (a JVP), not J_zᵀ μ
+        u = torch.zeros_like(fz, requires_grad=True)
+        vjp = torch.autograd.grad(fz, z, u, create_graph=True)[0]
+        jvp = torch.autograd.grad(vjp, u, mu, retain_graph=True)[0]
+        lz, lx = torch.autograd.grad(obj, (z, x), retain_graph=True)
+        gx = torch.autograd.grad(fz, x, mu)[0] + lx
+        adj = jvp + lz
+    x_next = x.detach() + sign * alpha * gx
+    return fz.detach(), adj, project(x_next) if projection else x_next
+
+
+def augmented_map_by_jacobians(f, loss, z, mu, x, alpha, project):
+    """A correct alternative: J_zᵀμ and J_xᵀμ from torch.func.vjp, one call through f."""
+    fz, vjp_fn = torch.func.vjp(f, z, x)
+    lz, lx = torch.func.grad(lambda z, x: loss(z, x).sum(), argnums=(0, 1))(z, x)
+    jz, jx = vjp_fn(mu)
+    return fz, jz + lz, project(x - alpha * (jx + lx))
+
+
+CASES_08 = [
+    (checks.check_project_l2_ball, project_l2_ball, [
+        lambda x, c, r: project_l2_ball(x, c, r, always_rescale=True),   # pushes inside points out
+        lambda x, c, r: project_l2_ball(x, c, r, batch_norm=True),       # one norm for the batch
+        lambda x, c, r: project_l2_ball(x, c, r, row_norm=True),         # per row, not per sample
+        lambda x, c, r: project_l2_ball(x, c, r, around_zero=True),      # ignores the center
+        project_l2_ball_direction,                                       # NaN at the center
+        lambda x, c, r: x,                                               # forgets to project
+    ]),
+    (checks.check_augmented_map, augmented_map, [
+        lambda *a: augmented_map(*a, sign=+1),                   # ascent on x
+        lambda *a: augmented_map(*a, transpose=False),           # J_z μ instead of J_zᵀ μ
+        lambda *a: augmented_map(*a, adjoint_loss=False),        # adjoint without ∇_z ℓ
+        lambda *a: augmented_map(*a, projection=False),          # forgets the projection
+        lambda *a: augmented_map(*a, loss_at_fz=True),           # ℓ(f(z, x), x) instead of ℓ(z, x)
+        lambda *a: augmented_map(*a, two_passes=True),           # right values, twice the work
+        lambda f, loss, z, mu, x, alpha, project: (z,) + augmented_map(f, loss, z, mu, x, alpha,
+                                                                       project)[1:],  # z not moved
+    ]),
+    (checks.check_project_l2_ball, project_l2_ball_where, []),        # correct alternatives
+    (checks.check_augmented_map, augmented_map_by_jacobians, []),
+]
+
+CASES_09 = [    # notebook 09's exercises (added with the notebook)
+    (checks.check_neumann_adjoint, neumann_adjoint, [
+        lambda vjp, grad, k: neumann_adjoint(vjp, grad, k, terms_offset=1),   # k + 1 terms
+        lambda vjp, grad, k: neumann_adjoint(vjp, grad, k, skip_first=True),  # forgets i = 0
+        lambda vjp, grad, k: neumann_adjoint(vjp, grad, k, vjp_of_sum=True),  # Jᵀ of the sum
+        lambda vjp, grad, k: neumann_adjoint(vjp, grad, k, terms_offset=-1),  # k − 1 terms
+    ]),
+]
 
 CASES_07 = [
     (checks.check_causal_attention, causal_attention, [
@@ -228,7 +342,7 @@ CASES = [
         lambda h: nfe_by_epoch(h, include_test=True),
         lambda h: {r["epoch"]: r["fwd_nfe"] for r in h if r["split"] == "train"},  # last, not mean
     ]),
-] + CASES_05 + CASES_06 + CASES_07
+] + CASES_05 + CASES_06 + CASES_07 + CASES_08 + CASES_09
 
 
 @pytest.mark.parametrize("check, right, wrongs", CASES, ids=[c[0].__name__ for c in CASES])
@@ -240,6 +354,10 @@ def test_check_accepts_right_and_rejects_wrong(check, right, wrongs, capsys):
             check(wrong)
         message = str(info.value)
         assert len(message) > 40, "feedback should explain, not just fail"
+
+
+def test_neumann_adjoint_accepts_horners_rule(capsys):
+    assert checks.check_neumann_adjoint(neumann_adjoint_horner) is True
 
 
 def test_unfinished_exercise_says_so():
