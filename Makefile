@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deqlite-installed
 BROWSER_STAMP := $(VENV)/.deqlite-browser-installed
 
-.PHONY: install lab test test-browser clean
+.PHONY: install lab test test-browser student clean
 
 install: $(STAMP)
 
@@ -20,9 +20,14 @@ $(STAMP): pyproject.toml
 lab: install
 	$(BIN)/jupyter lab notebooks/
 
-# pytest on tests/ and nbval on every notebook, notebooks in fast mode (DEQLITE_FAST=1).
+# pytest on tests/ and nbval on every notebook, solution and student versions, in fast mode
+# (DEQLITE_FAST=1). tests/test_classroom.py fails if notebooks/student/ is out of date.
 test: install
-	DEQLITE_FAST=1 $(BIN)/python -m pytest tests --nbval-lax notebooks/*.ipynb
+	DEQLITE_FAST=1 $(BIN)/python -m pytest tests --nbval-lax notebooks/*.ipynb notebooks/student/*.ipynb
+
+# The student notebooks, generated from the solution notebooks with nbgrader's ClearSolutions.
+student: install
+	$(BIN)/python -m deqlite.classroom student
 
 # The notebooks as a learner meets them: JupyterLab in headless Chromium (tests/browser/).
 # Installs Debian's chromium with apt-get when it is missing; screenshots go to test-artifacts/browser/.

@@ -1,15 +1,25 @@
 """Checks for the notebooks' exercises: run the student's function on a few inputs, compare it
 with deqlite's reference, and say what is wrong in words a student can act on.
 
-Each ``check_*`` returns True and prints a one-line confirmation when the answer is right, and
-raises ``CheckFailed`` otherwise, naming the failing input, what was expected, what came back,
-and a hint about the usual mistake.
+A notebook calls a check on the student's function and keeps what it returns:
+
+    weight_tied_forward = checks.check_weight_tied_forward(weight_tied_forward)
+
+* right: a one-line confirmation (✓), and the student's function comes back;
+* not written yet (its body still raises ``NotImplementedError``, as in the generated student
+  notebooks): the check says so and hands back deqlite's reference implementation
+  (``deqlite.references``), so the rest of the notebook still runs;
+* wrong: ``CheckFailed``, naming the failing input, what was expected, what came back, and a
+  hint about the usual mistake.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
+
+from . import references
 
 DT = torch.float64
 
@@ -18,12 +28,16 @@ class CheckFailed(AssertionError):
     """The student's answer is not right yet; the message says why and what to look at."""
 
 
+class NotWrittenYet(CheckFailed):
+    """The student's function still raises NotImplementedError."""
+
+
 def _call(fn: Callable, name: str, *args, **kwargs) -> Any:
     try:
         return fn(*args, **kwargs)
     except NotImplementedError:
-        raise CheckFailed(f"{name} is not written yet: replace `raise NotImplementedError` with your "
-                          f"code, run that cell again, then this check.") from None
+        raise NotWrittenYet(f"{name} is not written yet: replace `raise NotImplementedError()` with "
+                            f"your code, run that cell again, then this check.") from None
     except CheckFailed:
         raise
     except Exception as e:  # the student's own bug: show it, plus where it happened
@@ -51,6 +65,35 @@ def _passed(name: str, detail: str) -> bool:
     return True
 
 
+def exercise(check: Callable) -> Callable:
+    """Turn ``check_<name>(fn)`` into what the notebooks call: it returns fn when fn is right,
+    deqlite's ``references.<name>`` (with a notice) when fn is not written yet, and raises
+    ``CheckFailed`` when fn is wrong. The reference is at ``check_<name>.reference``."""
+    name = check.__name__.removeprefix("check_")
+    reference = getattr(references, name)
+
+    @functools.wraps(check)
+    def run(fn: Callable) -> Callable:
+        try:
+            check(fn)
+        except NotWrittenYet as e:
+            print(f"… {e}\n  Until then, the rest of this notebook uses deqlite's reference "
+                  f"implementation (deqlite.references.{name}).")
+            return reference
+        return fn
+
+    run.reference = reference
+    return run
+
+
+def reference(name: str) -> Callable:
+    """deqlite's reference implementation of the exercise ``name`` (e.g. "anderson")."""
+    from ._validate import lookup
+    names = [n.removeprefix("check_") for n, v in globals().items()
+             if n.startswith("check_") and hasattr(v, "reference")]
+    return lookup({n: getattr(references, n) for n in names}, name, "exercise")
+
+
 def _tanh_problem(seed: int, batch: int = 4, d_in: int = 3, d: int = 6, scale: float = 0.7):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(d, d, generator=g, dtype=DT)
@@ -63,6 +106,7 @@ def _tanh_problem(seed: int, batch: int = 4, d_in: int = 3, d: int = 6, scale: f
 
 # ---------------------------------------------------------------- notebook 01
 
+@exercise
 def check_weight_tied_forward(fn: Callable) -> bool:
     """fn(W, U, b, x, n_layers) -> z after n_layers of z ← tanh(z Wᵀ + x Uᵀ + b), from z = 0."""
     for seed, n in [(0, 1), (1, 5), (2, 30)]:
@@ -77,6 +121,7 @@ def check_weight_tied_forward(fn: Callable) -> bool:
     return _passed("weight_tied_forward", "matches the weight-tied network for 1, 5 and 30 layers")
 
 
+@exercise
 def check_lipschitz_bound(fn: Callable) -> bool:
     """fn(W) -> the Lipschitz constant bound ‖W‖₂ of z ↦ tanh(W z + u)."""
     for seed in range(3):
@@ -90,6 +135,7 @@ def check_lipschitz_bound(fn: Callable) -> bool:
     return _passed("lipschitz_bound", "equals the spectral norm ‖W‖₂ on 3 random matrices")
 
 
+@exercise
 def check_linear_fixed_point(fn: Callable) -> bool:
     """fn(W, b) -> z* of z = z Wᵀ + b for a batch b of shape (batch, d)."""
     for seed in range(3):
@@ -131,6 +177,7 @@ def _check_solver(fn: Callable, name: str, hint: str, **kwargs) -> int:
     return steps
 
 
+@exercise
 def check_forward_iteration(fn: Callable) -> bool:
     """fn(f, z0, tol, max_iter) -> (z, residuals) with plain forward iteration."""
     steps = _check_solver(fn, "forward_iteration", "Iterate z ← f(z) and stop when the relative "
@@ -138,6 +185,7 @@ def check_forward_iteration(fn: Callable) -> bool:
     return _passed("forward_iteration", f"reaches the fixed point (≤ {steps} iterations)")
 
 
+@exercise
 def check_anderson(fn: Callable) -> bool:
     """fn(f, z0, tol, max_iter, m) -> (z, residuals) with Anderson acceleration."""
     hint = ("Keep the last m pairs (x_i, f(x_i)); solve for weights α with Σα = 1 minimising "
@@ -150,9 +198,21 @@ def check_anderson(fn: Callable) -> bool:
     if steps >= len(plain):
         raise CheckFailed(f"anderson with m=5 took {steps} iterations, no fewer than with m=1 "
                           f"({len(plain)}): the history is not being used. {hint}")
+    # Step by step against the reference: the same iterates, so the same residuals, for a small
+    # window (where keeping one pair too many or too few shows at once).
+    _, expected = references.anderson(f, torch.zeros_like(z_star), tol=1e-10, max_iter=12, m=2)
+    _, got = _call(fn, "anderson", f, torch.zeros_like(z_star), tol=1e-10, max_iter=12, m=2)
+    got = [float(r) for r in got][:len(expected)]
+    for i, (r_got, r_ref) in enumerate(zip(got, expected)):
+        if not abs(r_got - r_ref) <= 1e-4 * r_ref:
+            raise CheckFailed(f"anderson with m=2: residual {i} is {r_got:.6e}, the reference's is "
+                              f"{r_ref:.6e} (the first {i} agree). The history must hold exactly the "
+                              f"last m pairs (drop the oldest once it holds m: not m + 1, not m − 1), "
+                              f"and the new iterate is Σ α_i f(x_i), not Σ α_i x_i. {hint}")
     return _passed("anderson", f"reaches the fixed point in ≤ {steps} iterations (m=1: {len(plain)})")
 
 
+@exercise
 def check_relative_residual(fn: Callable) -> bool:
     """fn(z, fz) -> per-sample ‖f(z) − z‖ / ‖f(z)‖, shape (batch,)."""
     g = torch.Generator().manual_seed(0)
@@ -165,6 +225,7 @@ def check_relative_residual(fn: Callable) -> bool:
     return _passed("relative_residual", "one correct value per sample")
 
 
+@exercise
 def check_anderson_weights(fn: Callable) -> bool:
     """fn(G) -> α (n,) minimising ‖αᵀ G‖ subject to Σα = 1, for G of shape (n, D)."""
     for seed, n in [(0, 2), (1, 4)]:
@@ -180,6 +241,7 @@ def check_anderson_weights(fn: Callable) -> bool:
 
 # ---------------------------------------------------------------- notebook 03
 
+@exercise
 def check_adjoint_solve(fn: Callable) -> bool:
     """fn(vjp, grad, tol, max_iter) -> g solving g = Jᵀ g + grad, where vjp(y) = Jᵀ y."""
     g_ = torch.Generator().manual_seed(0)
@@ -195,6 +257,7 @@ def check_adjoint_solve(fn: Callable) -> bool:
     return _passed("adjoint_solve", "g = (I − Jᵀ)⁻¹ ∂ℓ/∂z* on 4 random Jacobians")
 
 
+@exercise
 def check_linear_deq_grad(fn: Callable) -> bool:
     """fn(W, b, dl_dz) -> ∂ℓ/∂b for z* = W z* + b (batch of row vectors) given ∂ℓ/∂z*."""
     for seed in range(2):
@@ -216,6 +279,7 @@ def _tiny_classifier(seed: int):
     return DEQClassifier(channels=2, hidden=8, deq=dict(tol=1e-6, max_iter=100)).double()
 
 
+@exercise
 def check_train_step(fn: Callable) -> bool:
     """fn(model, optimizer, x, y) -> loss (float) after one cross-entropy optimizer step."""
     import torch.nn.functional as F
@@ -245,6 +309,7 @@ def check_train_step(fn: Callable) -> bool:
     return _passed("train_step", "same loss and same parameters as the reference, two steps running")
 
 
+@exercise
 def check_count_parameters(fn: Callable) -> bool:
     """fn(model) -> number of trainable parameters."""
     model = _tiny_classifier(0)
@@ -260,6 +325,7 @@ def check_count_parameters(fn: Callable) -> bool:
     return _passed("count_parameters", f"{expected} trainable parameters")
 
 
+@exercise
 def check_nfe_by_epoch(fn: Callable) -> bool:
     """fn(history) -> {epoch: mean forward NFE of that epoch's train records}."""
     history = [dict(split="train", epoch=e, step=3 * e + i + 1, fwd_nfe=n)
@@ -286,6 +352,7 @@ def _tanh_state(seed: int):
     return torch.tanh(z @ W.T + injection), z, J.square().sum((1, 2)) / W.shape[0]
 
 
+@exercise
 def check_hutchinson(fn: Callable) -> bool:
     """fn(f_z, z, probes) -> (batch,) estimate of ‖J‖²_F / d, kept differentiable."""
     f_z, z, exact = _tanh_state(0)
@@ -310,6 +377,7 @@ def check_hutchinson(fn: Callable) -> bool:
     return _passed("hutchinson", f"exact with basis probes; within {err:.1%} with 4000 random ones")
 
 
+@exercise
 def check_power_method(fn: Callable) -> bool:
     """fn(matvec, v0, n_iter) -> |λ_max| of a symmetric matrix by power iteration."""
     for seed, top in [(0, 2.0), (1, -2.0), (2, 0.9)]:
@@ -332,6 +400,7 @@ def check_power_method(fn: Callable) -> bool:
 
 # ---------------------------------------------------------------- notebook 06
 
+@exercise
 def check_fuse_two(fn: Callable) -> bool:
     """fn(b0, b1, down, up) -> [f0, f1]: two-branch multiscale fusion,
     f0 = b0 + nearest-upsample(up(b1)) to b0's size, f1 = b1 + down(b0)."""
@@ -357,6 +426,7 @@ def check_fuse_two(fn: Callable) -> bool:
     return _passed("fuse_two", "both outputs right, for even and odd resolutions")
 
 
+@exercise
 def check_state_numel(fn: Callable) -> bool:
     """fn(channels, height, width) -> entries of one sample's multiscale state, branch i at
     ⌈H/2^i⌉ × ⌈W/2^i⌉ (each stride-2 conv maps a side s to ⌈s/2⌉)."""
@@ -380,6 +450,7 @@ def check_state_numel(fn: Callable) -> bool:
 
 # ---------------------------------------------------------------- notebook 07
 
+@exercise
 def check_causal_attention(fn: Callable) -> bool:
     """fn(q, k, v) -> softmax(q kᵀ / √d with the future masked out) v, for (batch, T, d) inputs."""
     import torch.nn.functional as F
@@ -402,6 +473,7 @@ def check_causal_attention(fn: Callable) -> bool:
     return _passed("causal_attention", "matches PyTorch's causal attention; no future leaks")
 
 
+@exercise
 def check_unigram_bits(fn: Callable) -> bool:
     """fn(counts) -> entropy in bits of the distribution counts / counts.sum() (zeros allowed)."""
     cases = [torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([8.0, 0.0, 4.0, 2.0, 2.0]),
@@ -427,6 +499,7 @@ def check_unigram_bits(fn: Callable) -> bool:
 
 # ---------------------------------------------------------------- notebook 08
 
+@exercise
 def check_project_l2_ball(fn: Callable) -> bool:
     """fn(x, center, radius) -> the projection of each sample of x onto the ball
     ‖x − center‖₂ ≤ radius (norms over all of a sample's entries), as ``deqlite.jiio.L2Ball``."""
@@ -503,6 +576,7 @@ class _CountedMap:
         self.vjps += 1
 
 
+@exercise
 def check_augmented_map(fn: Callable) -> bool:
     """fn(f, loss, z, mu, x, alpha, project) -> JIIO's augmented map
     (f(z, x), J_zᵀμ + ∇_zℓ(z, x), project(x − α (J_xᵀμ + ∇_xℓ(z, x)))), with one evaluation of f
@@ -554,6 +628,7 @@ def check_augmented_map(fn: Callable) -> bool:
 
 # ---------------------------------------------------------------- notebook 09
 
+@exercise
 def check_neumann_adjoint(fn: Callable) -> bool:
     """fn(vjp, grad, k) -> g = Σ_{i<k} (Jᵀ)ⁱ grad, the first k terms of the Neumann series of
     (I − Jᵀ)⁻¹ grad, where vjp(y) = Jᵀ y (per sample)."""

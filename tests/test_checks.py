@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from deqlite import checks
+from deqlite import checks, references
 from deqlite.checks import CheckFailed
-from deqlite.solvers import anderson
 
 
 def eye_like(W):
@@ -21,24 +20,37 @@ def weight_tied_forward(W, U, b, x, n_layers, inject_every_layer=True, transpose
     return z
 
 
-def forward_iteration(f, z0, tol, max_iter, off_by_one=False):
+def forward_iteration(f, z0, tol, max_iter, off_by_one=False, update=True):
     z, res = z0, []
     for _ in range(max_iter):
         fz = f(z)
         res.append(((fz - z).norm() / fz.norm()).item())
-        z = fz
+        if update:
+            z = fz
         if res[-1] < tol:
             break
     return (z0 if off_by_one else z), res
 
 
-def anderson_via_deqlite(f, z0, tol, max_iter, m):
-    z, stats = anderson(f, z0, tol=tol, max_iter=max_iter, m=m)
-    return z, stats.rel_residuals.max(dim=1).values.tolist()
-
-
 def anderson_ignoring_history(f, z0, tol, max_iter, m):
     return forward_iteration(f, z0, tol, max_iter)
+
+
+def anderson_student(f, z0, tol, max_iter, m, window=0, mix_x=False):
+    """Notebook 02's Anderson, with a history of m + window pairs, or mixing the x_i."""
+    X, F = [z0], [f(z0)]
+    res = [((F[0] - X[0]).norm() / F[0].norm()).item()]
+    while len(res) < max_iter and res[-1] > tol:
+        G = torch.stack([fx - x for x, fx in zip(X, F)], dim=1)
+        H = G @ G.transpose(1, 2)
+        s = H.diagonal(dim1=1, dim2=2).mean(dim=1)
+        y = torch.linalg.solve(H + (1e-4 * s + 1e-30)[:, None, None] * torch.eye(len(X), dtype=H.dtype),
+                               torch.ones_like(H[:, 0]))
+        alpha = y / y.sum(dim=1, keepdim=True)
+        x = torch.einsum("bn,bnd->bd", alpha, torch.stack(X if mix_x else F, dim=1))
+        X, F = (X + [x])[-(m + window):], (F + [f(x)])[-(m + window):]
+        res.append(((F[-1] - X[-1]).norm() / F[-1].norm()).item())
+    return X[-1], res
 
 
 def adjoint_solve(vjp, grad, tol, max_iter, add_grad_every_step=True):
@@ -300,33 +312,46 @@ CASES = [
     (checks.check_lipschitz_bound, lambda W: torch.linalg.matrix_norm(W, ord=2), [
         lambda W: torch.linalg.matrix_norm(W),                      # Frobenius
         lambda W: torch.linalg.eigvals(W).abs().max(),              # spectral radius
+        lambda W: W.abs().max(),                                    # largest entry
     ]),
     (checks.check_linear_fixed_point, lambda W, b: torch.linalg.solve(eye_like(W) - W, b.T).T, [
         lambda W, b: torch.linalg.solve(eye_like(W) - W.T, b.T).T,  # missing transpose
         lambda W, b: torch.linalg.solve(eye_like(W) + W, b.T).T,    # wrong sign
+        lambda W, b: b @ torch.linalg.inv(eye_like(W) - W),         # (I − W)⁻¹ on the wrong side
     ]),
     (checks.check_forward_iteration, forward_iteration, [
         lambda f, z0, tol, max_iter: forward_iteration(f, z0, tol, max_iter, off_by_one=True),
         lambda f, z0, tol, max_iter: forward_iteration(f, z0, tol, 3),   # ignores max_iter/tol
+        lambda f, z0, tol, max_iter: forward_iteration(f, z0, tol, max_iter, update=False),
     ]),
-    (checks.check_anderson, anderson_via_deqlite, [anderson_ignoring_history]),
+    (checks.check_anderson, anderson_student, [
+        anderson_ignoring_history,                                       # no history at all
+        lambda f, z0, tol, max_iter, m: anderson_student(f, z0, tol, max_iter, m, window=1),
+        lambda f, z0, tol, max_iter, m: anderson_student(f, z0, tol, max_iter, m, window=-1),
+        lambda f, z0, tol, max_iter, m: anderson_student(f, z0, tol, max_iter, m, mix_x=True),
+    ]),
     (checks.check_relative_residual,
      lambda z, fz: (fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1), [
          lambda z, fz: (fz - z).flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1),  # wrong denominator
          lambda z, fz: (fz - z).norm() / fz.norm(),                                 # not per sample
+         lambda z, fz: (fz - z).norm(dim=-1) / fz.norm(dim=-1),                     # last dim only
      ]),
     (checks.check_anderson_weights, anderson_weights, [
         lambda G: anderson_weights(G, normalize=False),
         lambda G: torch.full((G.shape[0],), 1.0 / G.shape[0], dtype=G.dtype),    # plain averaging
+        lambda G: anderson_weights(G) * G.shape[0] / anderson_weights(G).norm(),  # wrong scale
     ]),
     (checks.check_adjoint_solve, adjoint_solve, [
         lambda vjp, grad, tol, max_iter: adjoint_solve(vjp, grad, tol, max_iter, False),
         lambda vjp, grad, tol, max_iter: grad,                      # Jacobian-free: not the IFT
+        lambda vjp, grad, tol, max_iter: adjoint_solve(lambda g: vjp(g + grad) - grad, grad, tol,
+                                                       max_iter),   # Jᵀ(g + grad): a term too many
     ]),
     (checks.check_linear_deq_grad,
      lambda W, b, d: torch.linalg.solve(eye_like(W) - W.T, d.T).T, [
          lambda W, b, d: torch.linalg.solve(eye_like(W) - W, d.T).T,   # missing transpose
          lambda W, b, d: d,                                             # forgets (I − W)⁻ᵀ
+         lambda W, b, d: torch.linalg.solve(eye_like(W) + W.T, d.T).T,  # wrong sign
      ]),
     (checks.check_train_step, train_step, [
         lambda m, o, x, y: train_step(m, o, x, y, zero_grad=False),
@@ -337,17 +362,20 @@ CASES = [
      lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad), [
          lambda m: sum(p.numel() for p in m.parameters()),               # counts frozen ones
          lambda m: len(list(m.parameters())),                            # counts tensors
+         lambda m: sum(len(p) for p in m.parameters() if p.requires_grad),  # rows, not entries
      ]),
     (checks.check_nfe_by_epoch, nfe_by_epoch, [
         lambda h: nfe_by_epoch(h, include_test=True),
         lambda h: {r["epoch"]: r["fwd_nfe"] for r in h if r["split"] == "train"},  # last, not mean
+        lambda h: {e: max(r["fwd_nfe"] for r in h if r["epoch"] == e and r["split"] == "train")
+                   for e in {r["epoch"] for r in h}},                    # max, not mean
     ]),
 ] + CASES_05 + CASES_06 + CASES_07 + CASES_08 + CASES_09
 
 
 @pytest.mark.parametrize("check, right, wrongs", CASES, ids=[c[0].__name__ for c in CASES])
 def test_check_accepts_right_and_rejects_wrong(check, right, wrongs, capsys):
-    assert check(right) is True
+    assert check(right) is right            # the notebook keeps what the check hands back
     assert "✓" in capsys.readouterr().out
     for wrong in wrongs:
         with pytest.raises(CheckFailed) as info:
@@ -357,15 +385,39 @@ def test_check_accepts_right_and_rejects_wrong(check, right, wrongs, capsys):
 
 
 def test_neumann_adjoint_accepts_horners_rule(capsys):
-    assert checks.check_neumann_adjoint(neumann_adjoint_horner) is True
+    assert checks.check_neumann_adjoint(neumann_adjoint_horner) is neumann_adjoint_horner
 
 
-def test_unfinished_exercise_says_so():
+EXERCISES = sorted(name for name in dir(checks) if name.startswith("check_"))
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_an_unfinished_exercise_gets_deqlites_reference_which_passes_its_own_check(name, capsys):
+    """In a student notebook the exercise still raises NotImplementedError: the check says so
+    and hands back the reference, so the rest of the notebook runs; the reference is right."""
     def todo(*args, **kwargs):
-        raise NotImplementedError
+        raise NotImplementedError()
 
-    with pytest.raises(CheckFailed, match="not written yet"):
-        checks.check_weight_tied_forward(todo)
+    check = getattr(checks, name)
+    exercise = name.removeprefix("check_")
+    handed_back = check(todo)
+    assert handed_back is getattr(references, exercise) is checks.reference(exercise)
+    out = capsys.readouterr().out
+    assert f"{exercise} is not written yet" in out and "reference implementation" in out
+    assert check(handed_back) is handed_back and "✓" in capsys.readouterr().out
+
+
+def test_every_exercise_has_at_least_three_planted_wrong_answers():
+    planted = {}
+    for check, _, wrongs in CASES:
+        planted[check.__name__] = planted.get(check.__name__, 0) + len(wrongs)
+    assert set(planted) == set(EXERCISES)
+    assert {name: n for name, n in planted.items() if n < 3} == {}
+
+
+def test_an_unknown_exercise_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown exercise 'andersen'.*Did you mean 'anderson'"):
+        checks.reference("andersen")
 
 
 def test_student_exception_is_reported_with_its_message():

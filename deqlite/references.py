@@ -1,0 +1,208 @@
+"""Reference implementations of the notebooks' exercises, with the signatures the notebooks use.
+
+When a student has not written an exercise yet (its body still raises ``NotImplementedError``), its
+check in ``deqlite.checks`` says so and hands back the function of the same name from this module,
+so the rest of the notebook still runs. Where deqlite has the same thing built in, the reference
+calls it; the others are written the way a student would, in plain torch. Every reference passes
+its own check (``tests/test_checks.py``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------- notebook 01
+
+def weight_tied_forward(W, U, b, x, n_layers):
+    """n_layers of z ← tanh(z Wᵀ + x Uᵀ + b) from z = 0: the same layer, the input injected each time."""
+    injection = x @ U.T + b
+    z = torch.zeros(x.shape[0], W.shape[0], dtype=x.dtype, device=x.device)
+    for _ in range(n_layers):
+        z = torch.tanh(z @ W.T + injection)
+    return z
+
+
+def lipschitz_bound(W):
+    """‖W‖₂, the largest singular value: a Lipschitz constant of z ↦ tanh(W z + u) (tanh' ≤ 1)."""
+    return torch.linalg.matrix_norm(W, ord=2)
+
+
+def linear_fixed_point(W, b):
+    """z* with z* = z* Wᵀ + b for a batch of rows b: (I − W) z*ᵀ = bᵀ."""
+    eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+    return torch.linalg.solve(eye - W, b.T).T
+
+
+# ---------------------------------------------------------------- notebook 02
+
+def _residual(z, fz) -> float:
+    return ((fz - z).norm() / fz.norm()).item()
+
+
+def forward_iteration(f, z0, tol=1e-6, max_iter=100):
+    """z ← f(z) until ‖f(z) − z‖ / ‖f(z)‖ ≤ tol (whole batch) or max_iter evaluations.
+    Returns (z, residuals), one residual per evaluation of f."""
+    z, residuals = z0, []
+    for _ in range(max_iter):
+        fz = f(z)
+        residuals.append(_residual(z, fz))
+        if residuals[-1] <= tol:
+            break
+        z = fz
+    return z, residuals
+
+
+def anderson(f, z0, tol=1e-6, max_iter=100, m=5, lam=1e-4, scale_lam=True):
+    """Anderson acceleration with memory m (see ``deqlite.solvers.anderson`` for the math): the
+    weights α minimise ‖Σ α_i g_i‖ with Σ α = 1, regularized by λ (times the mean ‖g_i‖² when
+    ``scale_lam``). Returns (z, residuals) like ``forward_iteration``."""
+    X, F_ = [z0], [f(z0)]
+    residuals = [_residual(X[0], F_[0])]
+    while len(residuals) < max_iter and residuals[-1] > tol:
+        G = torch.stack([fx - x for x, fx in zip(X, F_)], dim=1).flatten(2)     # (batch, n, D)
+        H = G @ G.transpose(1, 2)
+        s = H.diagonal(dim1=1, dim2=2).mean(dim=1) if scale_lam else torch.ones_like(H[:, 0, 0])
+        eye = torch.eye(len(X), dtype=H.dtype, device=H.device)
+        y = torch.linalg.solve(H + (lam * s + 1e-30)[:, None, None] * eye, torch.ones_like(H[:, 0]))
+        alpha = y / y.sum(dim=1, keepdim=True)
+        x = torch.einsum("bn,bn...->b...", alpha, torch.stack(F_, dim=1))        # Σ α_i f_i
+        X, F_ = (X + [x])[-m:], (F_ + [f(x)])[-m:]
+        residuals.append(_residual(X[-1], F_[-1]))
+    return X[-1], residuals
+
+
+def relative_residual(z, fz):
+    """Per sample ‖f(z) − z‖ / ‖f(z)‖, shape (batch,)."""
+    return (fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1)
+
+
+def anderson_weights(G):
+    """α = H⁻¹1 / (1ᵀH⁻¹1), H = G Gᵀ: the weights with Σα = 1 minimising ‖αᵀ G‖."""
+    y = torch.linalg.solve(G @ G.T, torch.ones(G.shape[0], dtype=G.dtype, device=G.device))
+    return y / y.sum()
+
+
+# ---------------------------------------------------------------- notebook 03
+
+def adjoint_solve(vjp, grad, tol=1e-10, max_iter=500):
+    """g with g = Jᵀ g + grad, by iterating g ← vjp(g) + grad from g = grad."""
+    g = grad
+    for _ in range(max_iter):
+        g_new = vjp(g) + grad
+        if (g_new - g).norm() <= tol:
+            return g_new
+        g = g_new
+    return g
+
+
+def linear_deq_grad(W, b, dl_dz):
+    """∂ℓ/∂b = (I − W)⁻ᵀ ∂ℓ/∂z* for z* = W z* + b (rows)."""
+    eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+    return torch.linalg.solve(eye - W.T, dl_dz.T).T
+
+
+# ---------------------------------------------------------------- notebook 04
+
+def count_parameters(model):
+    """Entries of the trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train_step(model, optimizer, x, y):
+    """One cross-entropy step; returns the loss before it, as a float."""
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def nfe_by_epoch(history):
+    """{epoch: mean forward NFE of that epoch's training records}."""
+    sums, counts = {}, {}
+    for record in history:
+        if record.get("split") == "train" and record.get("fwd_nfe") is not None:
+            e = record["epoch"]
+            sums[e] = sums.get(e, 0.0) + record["fwd_nfe"]
+            counts[e] = counts.get(e, 0) + 1
+    return {e: sums[e] / counts[e] for e in sums}
+
+
+# ---------------------------------------------------------------- notebook 05
+
+def hutchinson(f_z, z, probes):
+    """Per-sample ‖J‖²_F / d from the probes (M, batch, d), differentiable
+    (``deqlite.jacobian.hutchinson_frobenius``)."""
+    from .jacobian import hutchinson_frobenius
+    return hutchinson_frobenius(f_z, z, probes=probes, create_graph=True)
+
+
+def power_method(matvec, v0, n_iter):
+    """|λ_max| of a symmetric matrix: v ← A v / ‖A v‖ n_iter times, then |vᵀ A v|."""
+    v = v0 / v0.norm()
+    for _ in range(n_iter):
+        w = matvec(v)
+        v = w / w.norm()
+    return abs(float(v @ matvec(v)))
+
+
+# ---------------------------------------------------------------- notebook 06
+
+def fuse_two(b0, b1, down, up):
+    """[b0 + nearest-upsample(up(b1)) to b0's size, b1 + down(b0)]: MDEQ's fusion of two branches."""
+    return [b0 + F.interpolate(up(b1), size=b0.shape[-2:], mode="nearest"), b1 + down(b0)]
+
+
+def state_numel(channels, height, width):
+    """Entries of one sample's multiscale state: branch i has channels[i] maps of
+    ⌈H/2^i⌉ × ⌈W/2^i⌉."""
+    total = 0
+    for c in channels:
+        total += c * height * width
+        height, width = -(-height // 2), -(-width // 2)
+    return total
+
+
+# ---------------------------------------------------------------- notebook 07
+
+def unigram_bits(counts):
+    """Entropy in bits of counts / counts.sum(), a zero count contributing nothing (float64)."""
+    p = counts[counts > 0].double()
+    p = p / p.sum()
+    return float(-(p * p.log2()).sum())
+
+
+def causal_attention(q, k, v):
+    """softmax(q kᵀ / √d, the future masked) v (PyTorch's fused kernel)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+# ---------------------------------------------------------------- notebook 08
+
+def project_l2_ball(x, center, radius):
+    """Each sample of x projected onto ‖x − center‖₂ ≤ radius (``deqlite.jiio.L2Ball``)."""
+    from .jiio import L2Ball
+    return L2Ball(radius, center=center)(x)
+
+
+def augmented_map(f, loss, z, mu, x, alpha, project):
+    """JIIO's T(z, μ, x) = (f(z, x), J_zᵀμ + ∇_zℓ, project(x − α (J_xᵀμ + ∇_xℓ))), with one
+    evaluation of f and one reverse pass."""
+    with torch.enable_grad():
+        z_in, x_in = z.detach().requires_grad_(), x.detach().requires_grad_()
+        fz = f(z_in, x_in)
+        adjoint, grad_x = torch.autograd.grad((fz * mu).sum() + loss(z_in, x_in).sum(),
+                                              (z_in, x_in))
+    return fz.detach(), adjoint, project(x - alpha * grad_x)
+
+
+# ---------------------------------------------------------------- notebook 09
+
+def neumann_adjoint(vjp, grad, k):
+    """Σ_{i<k} (Jᵀ)ⁱ grad with vjp(y) = Jᵀ y: k − 1 vector–Jacobian products."""
+    g, term = grad, grad
+    for _ in range(k - 1):
+        term = vjp(term)
+        g = g + term
+    return g
