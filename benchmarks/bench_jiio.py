@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/bench_jiio.py --quick    # small and short, a few seconds
 
 1. Train a ``DEQDecoder`` on MNIST-5k with JIIO in the loop (latents from 0 per batch, the decoder
-   stepped through ``jiio.attach``); report the test reconstruction error with JIIO-inferred latents.
+   stepped through ``jiio.attach``, its ‖W‖₂ kept ≤ 0.9 so that every code has one equilibrium);
+   report the test reconstruction error with JIIO-inferred latents.
 2. Inverse problems on test digits with that decoder: inpainting (a 10×10 square hidden) and
    denoising (Gaussian noise, σ = 0.3). Reference: the optimum L-BFGS reaches through exact solves.
    For JIIO (Anderson, damped) and the nested baseline (Adam and SGD, each at several learning
@@ -43,6 +44,9 @@ def train_decoder(images, epochs, batch, latent, hidden, seed=0):
             opt.zero_grad()
             loss(z, result.x).mean().backward()
             opt.step()
+            with torch.no_grad():   # keep ‖W‖₂ ≤ 0.9: one equilibrium per code (as notebook 08)
+                norm = torch.linalg.matrix_norm(decoder.cell.W.weight, ord=2)
+                decoder.cell.W.weight.mul_(min(1.0, 0.9 / norm.item()))
     return decoder
 
 
