@@ -218,22 +218,30 @@ def wait_for_new_image(page, index: int, old_sig: str, what: str) -> str:
         page.wait_for_timeout(250)
 
 
+def run_and_check_live_figure(page, lab, artifacts, name, cells, index, what):
+    """Open notebook `name`, run all its cells and check what every run must show (our kernel,
+    no error, a picture in every cell that draws); then cell `index` must hold ONE image that was
+    redrawn in place while the cell ran. Returns (seconds, figure cells, frames seen)."""
+    open_notebook(page, lab, name)
+    check_kernel_is_ours(lab, name)
+    seconds = run_all_cells(page, lab, name)
+    page.screenshot(path=str(artifacts / f"{name[:2]}-after-run-all.png"))
+    check_no_errors(page, name)
+    n_figures = check_every_figure(page, cells, name)
+    images = png_images(page, index)
+    assert len(images) == 1, f"{what} should be one image, found {len(images)}"
+    shown = frames(page, index)
+    assert len(shown) >= 2 and shown[-1] == images[0]["sig"], \
+        f"{what} was not redrawn in place: {len(shown)} frame(s) seen"
+    return seconds, n_figures, shown
+
+
 def test_02_solvers_live_plot_and_sliders(page, lab, artifacts):
     cells = notebook_cells(lab, NB02)
     live, explore = code_cell(cells, "plot = LiveResidualPlot("), code_cell(cells, "widgets.interact(")
-    open_notebook(page, lab, NB02)
-    check_kernel_is_ours(lab, NB02)
-    seconds = run_all_cells(page, lab, NB02)
-    page.screenshot(path=str(artifacts / "02-after-run-all.png"))
-    check_no_errors(page, NB02)
-    n_figures = check_every_figure(page, cells, NB02)
-
     # the live residual plot: one image, redrawn in place while the three solvers ran
-    images = png_images(page, live)
-    assert len(images) == 1, f"the live residual plot should be one image, found {len(images)}"
-    shown = frames(page, live)
-    assert len(shown) >= 2 and shown[-1] == images[0]["sig"], \
-        f"the live residual plot was not redrawn in place: {len(shown)} frame(s) seen"
+    seconds, n_figures, shown = run_and_check_live_figure(page, lab, artifacts, NB02, cells, live,
+                                                          "the live residual plot")
     screenshot(page, cell(page, live), artifacts / "02-live-residual-plot.png")
 
     # the explorer: two dropdowns, two sliders and a plot, and moving a slider redraws the plot
@@ -280,19 +288,9 @@ def test_02_solvers_live_plot_and_sliders(page, lab, artifacts):
 def test_04_training_dashboard_and_progress_bar(page, lab, artifacts):
     cells = notebook_cells(lab, NB04)
     training = code_cell(cells, "dash = TrainingDashboard(")
-    open_notebook(page, lab, NB04)
-    check_kernel_is_ours(lab, NB04)
-    seconds = run_all_cells(page, lab, NB04)
-    page.screenshot(path=str(artifacts / "04-after-run-all.png"))
-    check_no_errors(page, NB04)
-    n_figures = check_every_figure(page, cells, NB04)
-
     # the dashboard: one image, redrawn in place while training
-    images = png_images(page, training)
-    assert len(images) == 1, f"the dashboard should be one image, found {len(images)}"
-    shown = frames(page, training)
-    assert len(shown) >= 2 and shown[-1] == images[0]["sig"], \
-        f"the dashboard was not redrawn in place: {len(shown)} frame(s) seen"
+    seconds, n_figures, shown = run_and_check_live_figure(page, lab, artifacts, NB04, cells,
+                                                          training, "the dashboard")
 
     # tqdm's progress bar (an ipywidgets HBox: description, bar, counts): on screen while the
     # run went (its first state was drawn before the last) and full at the end
