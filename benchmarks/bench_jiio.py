@@ -63,7 +63,7 @@ def compare(name, decoder, loss, x0, budget, record_every):
     x_ref, _, _ = nested(deq, x0, loss, lr=1.0, steps=150, optimizer="lbfgs")
     optimum = objective_at(deq, x_ref, loss).sum().item()
     runs = {}
-    for solver, steps in (("anderson", (0.3, 1.0, 3.0)), ("damped", (0.03, 0.1, 0.3))):
+    for solver, steps in (("anderson", (0.03, 0.1, 0.3)), ("damped", (0.03, 0.1, 0.3))):
         for step in steps:
             result = jiio(deq, x0, loss, step_size=step, solver=solver, max_iter=budget,
                           tol=1e-6, grad_tol=1e-6, record_every=record_every)

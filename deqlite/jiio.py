@@ -28,7 +28,9 @@ f and ℓ with weights (μ, 1) gives J_zᵀμ + ∇_zℓ and J_xᵀμ + ∇_xℓ
 
     damped:    z ← z + a (f − z),  μ ← μ + b (J_zᵀμ + ∇_zℓ − μ),  x ← Π_C(x − α ∇_x L)
     anderson:  Anderson acceleration (``solvers.AndersonMixer``) on the joint state, then Π_C on x
-               (an extrapolated x may leave C).
+               (an extrapolated x may leave C); safeguarded: a sample whose KKT residuals grew
+               takes the damped step instead (plain joint Anderson can stall on ill-conditioned
+               problems, extrapolating x far out).
 
 Neither the equilibrium nor the adjoint is solved exactly while x still moves, which is where the
 saving comes from. Convergence is judged per sample on the three KKT residuals (see ``jiio``).
@@ -274,7 +276,7 @@ def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float,
          solver: str = "anderson", projection: Optional[Callable] = None,
          encode: Optional[Callable] = None, tol: float = 1e-4, grad_tol: float = 1e-4,
          max_iter: int = 200, z_damping: float = 1.0, adjoint_damping: float = 1.0,
-         m: int = 5, beta: float = 1.0, lam: float = 1e-4, z0=None,
+         m: int = 5, beta: float = 1.0, lam: float = 1e-4, safeguard: float = 1.0, z0=None,
          record_every: int = 0, callback: Optional[Callable] = None) -> JIIOResult:
     """Minimize ``loss(z*, x)`` over x per sample, z* the equilibrium of ``deq`` at input
     ``encode(x)``, by one fixed point over (z, μ, x) (see the module docstring).
@@ -292,6 +294,10 @@ def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float,
         max_iter: iteration budget (each one f evaluation + one VJP).
         z_damping, adjoint_damping: a and b of the damped iteration (``solver="damped"`` only).
         m, beta, lam: Anderson's history size, mixing and regularizer (``solvers.anderson``).
+        safeguard: Anderson only: a sample whose KKT merit (its largest residual over its
+            tolerance) rose above ``safeguard`` × the previous iterate's takes the damped step
+            next instead of the extrapolated one (0: never). Without it joint Anderson can stall
+            on ill-conditioned input problems (see ``benchmarks/README.md``).
         z0: starting state (default the cell's ``init_state``); μ starts at 0.
         record_every: keep a snapshot of x every this many iterations (0: none).
         callback: called after each iteration as ``callback(k, primal, adjoint, stationarity)``
@@ -308,6 +314,7 @@ def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float,
     check_range(max_iter, "max_iter", low=1, integer=True)
     check_range(z_damping, "z_damping", low=0, high=1, low_open=True)
     check_range(adjoint_damping, "adjoint_damping", low=0, high=1, low_open=True)
+    check_range(safeguard, "safeguard", low=0)
     encode = encode or _identity
     project = projection or _identity
     f, spec = _cell_map(deq, encode, x0)
@@ -359,10 +366,15 @@ def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float,
         with torch.no_grad():                            # the step on w = (z, μ, x)
             w = torch.cat([z, mu, x.flatten(1)], dim=1)
             Tw = torch.cat([fz, adj, x_next.flatten(1)], dim=1)
+            w_damped = w + damping * (Tw - w)
             if mixer is None:
-                w_next = w + damping * (Tw - w)
+                w_next = w_damped
             else:
                 w_next = mixer.step(w, Tw, done)
+                if safeguard and k > 0:          # merit rose: a damped step for that sample
+                    rose = merit > safeguard * previous_merit
+                    w_next = torch.where(rose[:, None], w_damped, w_next)
+            previous_merit = merit
             w_next = torch.where(done[:, None], w, w_next)
             z, mu, x_flat = w_next.split(sizes, dim=1)
             x = project(x_flat.reshape(x.shape))
