@@ -430,16 +430,10 @@ def check_fuse_two(fn: Callable) -> bool:
 def check_state_numel(fn: Callable) -> bool:
     """fn(channels, height, width) -> entries of one sample's multiscale state, branch i at
     ⌈H/2^i⌉ × ⌈W/2^i⌉ (each stride-2 conv maps a side s to ⌈s/2⌉)."""
-    def reference(channels, h, w):
-        total = 0
-        for c in channels:
-            total += c * h * w
-            h, w = -(-h // 2), -(-w // 2)
-        return total
-
     for channels, h, w in [([24, 24], 32, 32), ([32, 64, 128, 256], 56, 56), ([4, 8, 16], 7, 9)]:
         got = _call(fn, "state_numel", list(channels), h, w)
-        expected = reference(channels, h, w)
+        # halving i times rounding up each time is one division rounding up: ⌈s / 2^i⌉
+        expected = sum(c * -(-h // 2 ** i) * -(-w // 2 ** i) for i, c in enumerate(channels))
         if int(got) != expected:
             raise CheckFailed(
                 f"state_numel({channels}, {h}, {w}): expected {expected}, got {got}. Branch i has "

@@ -239,15 +239,34 @@ class JIIOResult:
     stats: InputOptStats
 
 
-def _cell_map(deq: nn.Module, encode: Callable, x: torch.Tensor):
-    """f(z_flat, x) = flat cell(z, inject(encode(x))) and the spec of the state's shape."""
+def _cell_map(deq: nn.Module, encode: Callable, x: torch.Tensor, z0=None):
+    """``(f, z0_flat, spec)``: f(z_flat, x) = flat cell(z, inject(encode(x))) (the injection
+    recomputed for every x), the flat starting state (z0, or the cell's ``init_state`` at x) and
+    the spec of the state's shape."""
     cell = deq.cell
-    _, spec = flatten_state(cell.init_state(cell.inject(encode(x))), "z0")
+    with torch.no_grad():
+        z0_flat, spec = flatten_state(cell.init_state(cell.inject(encode(x))) if z0 is None
+                                      else z0, "z0")
 
     def f(z_flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         z = unflatten_state(z_flat, spec)
         return flatten_state(cell(z, cell.inject(encode(x))), check=False)[0]
-    return f, spec
+    return f, z0_flat, spec
+
+
+def augmented_map(f: Callable, loss: Loss, z: torch.Tensor, mu: torch.Tensor, x: torch.Tensor,
+                  step_size: float, project: Callable):
+    """JIIO's T(z, μ, x) for one iterate, with ONE evaluation of f and ONE reverse pass: the
+    gradient of (f(z, x) · μ).sum() + ℓ(z, x).sum() with respect to (z, x) is
+    (J_zᵀμ + ∇_zℓ, J_xᵀμ + ∇_xℓ). Returns (f(z, x), J_zᵀμ + ∇_zℓ, Π(x − α (J_xᵀμ + ∇_xℓ)),
+    ℓ(z, x)), all detached."""
+    with torch.enable_grad():
+        z_in, x_in = z.detach().requires_grad_(), x.detach().requires_grad_()
+        fz = f(z_in, x_in)
+        objective = loss(z_in, x_in)
+        adjoint, grad_x = torch.autograd.grad((fz * mu).sum() + objective.sum(), (z_in, x_in))
+    with torch.no_grad():
+        return fz.detach(), adjoint, project(x - step_size * grad_x), objective.detach()
 
 
 def _check_problem(deq, x0, loss, encode, projection):
@@ -317,11 +336,11 @@ def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float,
     check_range(safeguard, "safeguard", low=0)
     encode = encode or _identity
     project = projection or _identity
-    f, spec = _cell_map(deq, encode, x0)
     x = project(x0.detach())
-    with torch.no_grad():
-        z = flatten_state(deq.cell.init_state(deq.cell.inject(encode(x))) if z0 is None else z0,
-                          "z0")[0]
+    f, z, spec = _cell_map(deq, encode, x, z0)
+
+    def flat_loss(z_flat, x):
+        return _objective(loss, unflatten_state(z_flat, spec), x)
     mu = torch.zeros_like(z)
     sizes = (z.shape[1], mu.shape[1], x[0].numel())
     batch = x.shape[0]
@@ -336,16 +355,10 @@ def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float,
     best = (z, mu, x)
     best_iteration = torch.zeros(batch, dtype=torch.long, device=z.device)
     for k in range(max_iter):
-        with torch.enable_grad():                        # one f evaluation + one VJP
-            z_in, x_in = z.detach().requires_grad_(), x.detach().requires_grad_()
-            fz = f(z_in, x_in)
-            obj = _objective(loss, unflatten_state(z_in, spec), x_in)
-            adj, grad_x = torch.autograd.grad((fz * mu).sum() + obj.sum(), (z_in, x_in))
+        fz, adj, x_next, obj = augmented_map(f, flat_loss, z, mu, x, step_size, project)
         rec.f_evals += 1
         rec.vjps += 1
         with torch.no_grad():
-            fz = fz.detach()
-            x_next = project(x - step_size * grad_x)
             primal = (fz - z).norm(dim=1) / (fz.norm(dim=1) + EPS)
             adjoint = (adj - mu).norm(dim=1) / (adj.norm(dim=1) + EPS)
             stationarity = (x - x_next).flatten(1).norm(dim=1) / step_size
@@ -353,8 +366,7 @@ def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float,
             better = ~done & (merit < best_merit)
             best_merit = torch.where(better, merit, best_merit)
             best_iteration = torch.where(better, k, best_iteration)
-            best = tuple(torch.where(better.reshape(-1, *[1] * (t.dim() - 1)), t, b)
-                         for t, b in zip((z, mu, x), best))
+            best = _where_state(better, [z, mu, x], best)
             done = done | (merit <= 1)
         for trace, value in ((primal_t, primal), (adjoint_t, adjoint), (stat_t, stationarity)):
             trace.append(value)
@@ -436,7 +448,7 @@ def nested(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, lr: float, steps: in
             else:
                 better = obj < best["objective"]
                 best.update(objective=torch.where(better, obj, best["objective"]),
-                            x=torch.where(better.reshape(shape), x, best["x"]),
+                            x=_where_state(better, x.detach(), best["x"]),
                             z=_where_state(better, z, best["z"]),
                             iteration=torch.where(better, state["step"], best["iteration"]))
         state.update(z=z, objective=obj)
@@ -476,6 +488,8 @@ def _detach_state(z):
 
 
 def _where_state(mask, new, old):
+    """Per sample (``mask``: (batch,)), ``new`` where true, ``old`` elsewhere; tensors of any
+    shape (batch, ...) or lists of them."""
     if isinstance(new, torch.Tensor):
         return torch.where(mask.reshape(-1, *[1] * (new.dim() - 1)), new, old)
     return [_where_state(mask, n, o) for n, o in zip(new, old)]

@@ -188,21 +188,15 @@ def project_l2_ball(x, center, radius):
 
 def augmented_map(f, loss, z, mu, x, alpha, project):
     """JIIO's T(z, μ, x) = (f(z, x), J_zᵀμ + ∇_zℓ, project(x − α (J_xᵀμ + ∇_xℓ))), with one
-    evaluation of f and one reverse pass."""
-    with torch.enable_grad():
-        z_in, x_in = z.detach().requires_grad_(), x.detach().requires_grad_()
-        fz = f(z_in, x_in)
-        adjoint, grad_x = torch.autograd.grad((fz * mu).sum() + loss(z_in, x_in).sum(),
-                                              (z_in, x_in))
-    return fz.detach(), adjoint, project(x - alpha * grad_x)
+    evaluation of f and one reverse pass (``deqlite.jiio.augmented_map``)."""
+    from .jiio import augmented_map as jiio_augmented_map
+    return jiio_augmented_map(f, loss, z, mu, x, alpha, project)[:3]
 
 
 # ---------------------------------------------------------------- notebook 09
 
 def neumann_adjoint(vjp, grad, k):
-    """Σ_{i<k} (Jᵀ)ⁱ grad with vjp(y) = Jᵀ y: k − 1 vector–Jacobian products."""
-    g, term = grad, grad
-    for _ in range(k - 1):
-        term = vjp(term)
-        g = g + term
-    return g
+    """Σ_{i<k} (Jᵀ)ⁱ grad with vjp(y) = Jᵀ y: k − 1 vector–Jacobian products
+    (``deqlite.deq.neumann_series``, the rule behind ``DEQ(backward="neumann")``)."""
+    from .deq import neumann_series
+    return neumann_series(vjp, grad, k)[0]

@@ -74,12 +74,11 @@ def test_the_returned_point_is_the_recorded_best_and_its_residuals_are_recorded(
 def test_jiio_solves_each_sample_as_if_it_were_alone():
     deq, loss, x0 = problem(seed=2, batch=3)
     together = jiio(deq, x0, loss, step_size=0.1, tol=1e-9, grad_tol=1e-9, max_iter=3000)
-    A_target = loss  # the loss is per sample: sample i's objective uses only row i
     for i in range(3):
-        def alone(z, x, i=i):
+        def alone(z, x, i=i):      # sample i's objective, which uses only row i of the batch
             z_full = torch.zeros(3, z.shape[1], dtype=DT).index_copy(0, torch.tensor([i]), z)
             x_full = torch.zeros(3, x.shape[1], dtype=DT).index_copy(0, torch.tensor([i]), x)
-            return A_target(z_full, x_full)[i:i + 1]
+            return loss(z_full, x_full)[i:i + 1]
         single = jiio(deq, x0[i:i + 1], alone, step_size=0.1, tol=1e-9, grad_tol=1e-9,
                       max_iter=3000)
         torch.testing.assert_close(single.x[0], together.x[i], atol=1e-7, rtol=0)
