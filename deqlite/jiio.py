@@ -511,9 +511,9 @@ def attach(deq: nn.Module, result: JIIOResult, *, encode: Optional[Callable] = N
     """z = f(z*, x*) with a graph to the DEQ's parameters (x* detached), for training with JIIO in
     the loop: backpropagating a loss through z solves the adjoint g = Jᵀg + ∂ℓ/∂z with the DEQ's
     backward settings, warm-started from ``scale`` · μ* (μ* solves it for ℓ summed over the batch;
-    pass ``scale=1/batch`` for a batch mean). The warm start needs ``backward="ift"``: with
-    ``"neumann"`` the series is summed from ∂ℓ/∂z as usual, and ``"jfb"``/``"phantom"`` have no
-    adjoint to start. Returns z in the cell's state shape."""
+    pass ``scale=1/batch`` for a batch mean). The gradient is the IFT one, warm-started, whatever
+    the DEQ's ``backward`` rule, except ``"neumann"``, whose truncated series is summed from
+    ∂ℓ/∂z as usual (no warm start). Returns z in the cell's state shape."""
     encode = encode or _identity
     x = result.x.detach()
     f, z0, spec = deq.fixed_point_map(encode(x), result.z)
