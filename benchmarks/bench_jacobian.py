@@ -14,16 +14,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from deqlite.configs import load_preset
-from deqlite.diagnostics import equilibrium
+from deqlite.deq import equilibrium
 from deqlite.jacobian import (exact_jacobian, hutchinson_frobenius, spectral_radius)
 from deqlite.models import build_model
+from deqlite.train import load_preset
 
 
 def make_model(hidden, max_iter):
@@ -40,9 +41,9 @@ def bench_step_time(hidden, batch, max_iter, repeats):
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
 
     def step(probes):
-        model.deq.jac_probes = probes
         start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
+        with model.deq.options(jac_probes=probes):
+            loss = F.cross_entropy(model(x), y)
         if probes:
             loss = loss + 1.0 * model.deq.jac_loss
         opt.zero_grad()
@@ -77,7 +78,7 @@ def power_method(J, n_iter):
 
 def bench_estimators(hidden, batch):
     model = make_model(hidden, 60).double()
-    model.deq.forward_solve["tol"] = 1e-8
+    model.deq.forward_solver = dataclasses.replace(model.deq.forward_solver, tol=1e-8)
     torch.manual_seed(1)
     with torch.no_grad():                    # a model one would diagnose: W grown past 1
         model.cell.W.weight.mul_(1.6 / torch.linalg.matrix_norm(model.cell.W.weight, ord=2))

@@ -60,7 +60,7 @@ def reach(stats, deq, loss, optimum, within):
 
 def compare(name, decoder, loss, x0, budget, record_every):
     deq = decoder.deq
-    x_ref, _, _ = nested(deq, x0, loss, lr=1.0, steps=150, optimizer="lbfgs")
+    x_ref = nested(deq, x0, loss, lr=1.0, steps=150, optimizer="lbfgs").x
     optimum = objective_at(deq, x_ref, loss).sum().item()
     runs = {}
     for solver, steps in (("anderson", (0.03, 0.1, 0.3)), ("damped", (0.03, 0.1, 0.3))):
@@ -70,9 +70,9 @@ def compare(name, decoder, loss, x0, budget, record_every):
             runs[f"jiio/{solver} α={step}"] = result.stats
     for optimizer, rates in (("adam", (0.03, 0.1, 0.3)), ("sgd", (0.03, 0.1, 0.3))):
         for lr in rates:
-            _, _, stats = nested(deq, x0, loss, lr=lr, steps=budget // 2, optimizer=optimizer,
-                                 record_every=max(1, record_every // 4))
-            runs[f"nested/{optimizer} lr={lr}"] = stats
+            result = nested(deq, x0, loss, lr=lr, steps=budget // 2, optimizer=optimizer,
+                            record_every=max(1, record_every // 4))
+            runs[f"nested/{optimizer} lr={lr}"] = result.stats
     print(f"\n{name}: L-BFGS optimum {optimum:.4f} (batch total)")
     print(f"{'method':<26}{'evals→5%':>10}{'s→5%':>8}{'evals→1%':>10}{'s→1%':>8}")
     best = {}

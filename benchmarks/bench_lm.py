@@ -9,14 +9,15 @@ activation memory of a DEQ against an explicit Transformer.
    over WikiText-103's 267,735 words, 94.9M parameters) on windows of 150 tokens drawn from a
    Zipf distribution over the vocabulary (as word frequencies are): one training step in
    equilibrium mode (Anderson forward solve, Broyden adjoint, Adam step) and one warm-up step
-   (the cell unrolled twice). Baseline, measured in the same process: one application of f (no
-   graph). At initialization the solves reach the tolerance in a few iterations; a trained model
+   (the cell unrolled twice), each the ``Trainer``'s own ``train_step`` on a synthetic stream.
+   Baseline, measured in the same process: one application of f (no graph). At initialization the solves reach the tolerance in a few iterations; a trained model
    uses up to the preset's caps (30 forward, 35 adjoint), so its steps cost up to ~5× more.
 2. Memory. At the ``stdlib_char_lm`` preset's size (width 64, batch 32 × 64 characters), the bytes
    autograd saves for the backward pass of one loss (``deqlite.memory.saved_tensor_bytes``): the
    DEQ with the implicit (IFT) backward at 5 / 15 / 30 solver iterations, the same DEQ
    backpropagating through its iterations (``backward="unrolled"``), and the explicit
-   ``transformer_lm`` with 1 / 4 / 15 / 30 layers, with the time of a training step of each.
+   ``transformer_lm`` with 1 / 4 / 15 / 30 layers, with the time of a training step of each (the
+   ``Trainer``'s step).
    Baseline: the DEQ (IFT) at 15 iterations.
 
 Times are medians of ``--repeats`` runs after one untimed run, on ``--threads`` CPU threads
@@ -31,33 +32,29 @@ import time
 import torch
 
 from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
-from deqlite.configs import load_preset
+from deqlite.data import TokenStream
 from deqlite.memory import saved_tensor_bytes
-from deqlite.models import build_model, count_parameters
-from deqlite.train import OPTIMIZERS
+from deqlite.models import count_parameters
+from deqlite.train import Trainer, load_preset
 
 WT103_VOCAB = 267735
 
 
-
-
-def zipf_tokens(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    """Token ids with p(w) ∝ 1 / (w + 1): frequent words first, as WikiText-103's vocabulary."""
+def zipf_stream(vocab: int, length: int, seed: int = 0) -> TokenStream:
+    """A token stream with p(w) ∝ 1 / (w + 1): frequent words first, as WikiText-103's vocabulary."""
     weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
-    ids = torch.multinomial(weights, batch * (length + 1), replacement=True,
+    ids = torch.multinomial(weights, length, replacement=True,
                             generator=torch.Generator().manual_seed(seed))
-    return ids.view(batch, length + 1)
+    return TokenStream(ids, tuple(map(str, range(vocab))), "word",
+                       torch.bincount(ids, minlength=vocab), "synthetic", "train")
 
 
-def train_step_fn(model, config, x, y):
-    optimizer = OPTIMIZERS[config["optimizer"]](model.parameters(), lr=config["lr"])
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        model.loss(x, y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.get("grad_clip") or 1e9)
-        optimizer.step()
-    return step
+def trainer_on(config: dict, stream: TokenStream, **overrides) -> Trainer:
+    """A Trainer with the preset's settings on a synthetic stream: what the benchmark times is the
+    step the Trainer takes (``train_step``), not a rewrite of it."""
+    config = dict(config, **overrides, device="cpu", log_path=None, checkpoint_path=None,
+                  eval_jacobian_samples=0, max_steps=None, epochs=1)
+    return Trainer(config, data=(stream, stream))
 
 
 def bench_speed(batch: int, repeats: int, quick: bool) -> dict:
@@ -65,25 +62,27 @@ def bench_speed(batch: int, repeats: int, quick: bool) -> dict:
     options = dict(config["model_options"])
     if quick:
         options["d_ff"] = 4800
-    torch.manual_seed(0)
+    stream = zipf_stream(WT103_VOCAB, batch * config["seq_len"] * (repeats + 3) + 1)
     start = time.perf_counter()
-    model = build_model(config["model"], vocab_size=WT103_VOCAB, **options).train()
+    trainer = trainer_on(config, stream, model_options=options, batch_size=batch,
+                         pretrain_steps=0)
     t_build = time.perf_counter() - start
-    data = zipf_tokens(WT103_VOCAB, batch, config["seq_len"])
-    x, y = data[:, :-1], data[:, 1:]
-    step = train_step_fn(model, config, x, y)
+    model = trainer.model.train()
+    _, x, _ = trainer.batches(0)
     with torch.no_grad():                                  # baseline: f at a typical state
-        f, z, _ = model.deq.fixed_point_map(model.embed_tokens(x))
-        z = f(f(z))
-        t_f = median_time(lambda: f(z), max(3, repeats))
-    model.deq.pretrain_steps = 0
-    t_deq = median_time(step, repeats)
-    nfe = (model.deq.forward_stats.nfe, model.deq.backward_stats.nfe)
-    model.deq.pretrain_steps = config["pretrain_depth"]
-    t_warm = median_time(step, repeats)
-    return dict(params=count_parameters(model), d_ff=options["d_ff"], t_build=t_build, t_f=t_f,
-                t_deq=t_deq, t_warm=t_warm, nfe=nfe, tokens=x.numel(),
-                depth=config["pretrain_depth"], batch=batch, seq_len=config["seq_len"])
+        m = model.deq.fixed_point_map(model.embed_tokens(x))
+        z = m.f(m.f(m.z0))
+        t_f = median_time(lambda: m.f(z), max(3, repeats))
+    t_deq = median_time(trainer.train_step, repeats)
+    record = trainer.train_step()
+    params, nfe = count_parameters(model), (record["fwd_nfe"], record["bwd_nfe"])
+    del trainer, model, m, z
+    warm_up = trainer_on(config, stream, model_options=options, batch_size=batch,
+                         pretrain_steps=10 ** 9)             # every step a warm-up step
+    t_warm = median_time(warm_up.train_step, repeats)
+    return dict(params=params, d_ff=options["d_ff"], t_build=t_build, t_f=t_f, t_deq=t_deq,
+                t_warm=t_warm, nfe=nfe, tokens=x.numel(), depth=config["pretrain_depth"],
+                batch=batch, seq_len=config["seq_len"])
 
 
 def bench_memory(repeats: int) -> list:
@@ -91,8 +90,9 @@ def bench_memory(repeats: int) -> list:
     options = dict(config["model_options"])
     deq_options = options.pop("deq")
     vocab, batch, length = 97, config["batch_size"], config["seq_len"]
-    data = torch.randint(0, vocab, (batch, length + 1), generator=torch.Generator().manual_seed(0))
-    x, y = data[:, :-1], data[:, 1:]
+    stream = TokenStream(torch.randint(0, vocab, (batch * length * (repeats + 3) + 1,),
+                                       generator=torch.Generator().manual_seed(0)),
+                         tuple(map(chr, range(32, 32 + vocab))), "char", torch.ones(vocab), "", "")
     variants = [(f"DEQ, IFT, {n} iterations", "deq_transformer_lm",
                  dict(deq=dict(deq_options, tol=0, max_iter=n, backward_max_iter=n)))
                 for n in (5, 15, 30)]
@@ -102,12 +102,13 @@ def bench_memory(repeats: int) -> list:
                  for n in (1, 4, 15, 30)]
     rows = []
     for label, name, extra in variants:
-        torch.manual_seed(0)
-        model = build_model(name, vocab_size=vocab, **options, **extra).train()
-        _, saved = saved_tensor_bytes(model.loss, x, y)
-        t_step = median_time(train_step_fn(model, config, x, y), repeats)
-        rows.append(dict(label=label, params=count_parameters(model), saved=saved, t_step=t_step,
-                         tokens=x.numel()))
+        trainer = trainer_on(config, stream, model=name, model_options=dict(options, **extra),
+                             pretrain_steps=0, jac_reg_weight=0.0)
+        _, x, y = trainer.batches(0)
+        _, saved = saved_tensor_bytes(trainer.model.train().loss, x, y)
+        t_step = median_time(trainer.train_step, repeats)
+        rows.append(dict(label=label, params=count_parameters(trainer.model), saved=saved,
+                         t_step=t_step, tokens=x.numel()))
     return rows
 
 

@@ -3,37 +3,20 @@
     .venv/bin/python benchmarks/bench_spine.py            # full sizes (width 256, batch 64)
     .venv/bin/python benchmarks/bench_spine.py --quick    # small sizes, a few seconds
 
-Everything is measured in one process; times are medians of --repeats runs and are also given
-as ratios to a baseline measured in the same run (forward iteration; Broyden at max_iter 50).
+Everything is measured in one process; times are medians of --repeats runs after one untimed
+run, and are also given as ratios to a baseline measured in the same run (forward iteration;
+Broyden at max_iter 50).
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from _problems import symmetric_tanh  # noqa: E402  (benchmarks/_problems.py)
+from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 from deqlite import DEQ, MLPCell
 from deqlite.solvers import SOLVERS, solve
-
-
-def symmetric_tanh(width, batch, top=0.97, input_scale=0.01, dtype=torch.float32, seed=0):
-    """f(z) = tanh(z Wᵀ + u), W symmetric with spectrum linspace(0, top), small inputs u."""
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
-    W = ((Q * torch.linspace(0, top, width, dtype=torch.float64)) @ Q.T).to(dtype)
-    u = (input_scale * torch.randn(batch, width, generator=g, dtype=torch.float64)).to(dtype)
-    return (lambda z: torch.tanh(z @ W.T + u)), torch.zeros(batch, width, dtype=dtype)
-
-
-def median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def bench_solvers(width, batch, repeats, tol=1e-4):
@@ -44,8 +27,8 @@ def bench_solvers(width, batch, repeats, tol=1e-4):
     print("| --- | --- | --- | --- | --- | --- |")
     base = None
     for name in SOLVERS:
-        t, (_, stats) = median_time(lambda: solve(f, z0, solver=name, tol=tol, max_iter=5000),
-                                    repeats)
+        run = lambda: solve(f, z0, solver=name, tol=tol, max_iter=5000)  # noqa: E731
+        t, (_, stats) = median_time(run, repeats), run()
         base = base or (stats.nfe, t)
         print(f"| {name} | {stats.nfe} | {int(stats.converged.sum())}/{batch} | {t * 1e3:.1f} | "
               f"{stats.nfe / base[0]:.2f} | {t / base[1]:.2f} |")
@@ -61,8 +44,8 @@ def bench_broyden_cost(width, batch, repeats):
     for memory, lengths in ((50, (50, 2000)), (2000, (50, 500))):
         base = None
         for max_iter in lengths:
-            t, _ = median_time(lambda: solve(f, z0, solver="broyden", tol=0.0, max_iter=max_iter,
-                                             memory=memory), max(1, repeats // 2))
+            t = median_time(lambda: solve(f, z0, solver="broyden", tol=0.0, max_iter=max_iter,
+                                          memory=memory), max(1, repeats // 2))
             per_step = t / max_iter
             base = base or per_step
             label = f"{memory}" + (" (unlimited: the growth the restart avoids)" if memory == 2000 else "")

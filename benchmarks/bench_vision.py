@@ -6,9 +6,9 @@
     .venv/bin/python benchmarks/bench_vision.py --threads 0          # torch's default threads
 
 For each preset's model (at the preset's image size: 32 for CIFAR-10, 224 for ImageNet) it times
-one training step in equilibrium mode (forward solve, IFT backward with the adjoint solve, optimizer
-step; no Jacobian regularization, which the presets apply on 2-8 % of the steps) and one warm-up
-step (the cell unrolled ``pretrain_depth`` times). Times are medians of ``--repeats`` runs after one
+the ``Trainer``'s own ``train_step`` on synthetic images, in equilibrium mode (forward solve, IFT
+backward with the adjoint solve, optimizer step; no Jacobian regularization, which the presets
+apply on 2-8 % of the steps) and in warm-up mode (the cell unrolled ``pretrain_depth`` times). Times are medians of ``--repeats`` runs after one
 untimed run, on ``--threads`` CPU threads (default 1: on a machine shared with other jobs, every
 multi-threaded op waits at its barrier for a descheduled thread, ~8 ms per op on the 2-core
 development machine, which swamps the measurement). The baseline, measured in the same process,
@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
-from deqlite.configs import load_preset
-from deqlite.models import build_model, count_parameters
-from deqlite.train import OPTIMIZERS
+from deqlite.models import count_parameters
+from deqlite.train import Trainer, load_preset
 
 # Parameter counts the papers report (see each preset's docstring for the source).
 PUBLISHED = {
@@ -45,34 +44,38 @@ def shrink(options: dict) -> dict:
 
 
 
+def trainer_on(config: dict, images: TensorDataset, **overrides) -> Trainer:
+    """A Trainer with the preset's settings on synthetic images: what the benchmark times is the
+    step the Trainer takes (``train_step``), not a rewrite of it."""
+    config = dict(config, **overrides, device="cpu", log_path=None, checkpoint_path=None,
+                  eval_jacobian_samples=0, max_steps=None, epochs=1, jac_reg_weight=0.0,
+                  pretrain_jac_reg_weight=None)
+    return Trainer(config, data=(images, images))
+
+
 def bench_preset(name: str, batch: int, repeats: int, quick: bool) -> dict:
     config = load_preset(name)
     options = shrink(config["model_options"]) if quick else config["model_options"]
     size = IMAGE_SIZE[config["dataset"]]
-    torch.manual_seed(0)
-    model = build_model(config["model"], in_channels=3, image_size=size, **options)
-    optimizer = OPTIMIZERS[config["optimizer"]](model.parameters(), lr=config["lr"],
-                                                weight_decay=config["weight_decay"])
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, options["n_classes"], (batch,))
-    model.train()
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
+    g = torch.Generator().manual_seed(0)
+    n = batch * (repeats + 2)
+    images = TensorDataset(torch.rand(n, 3, size, size, generator=g),
+                           torch.randint(0, options["n_classes"], (n,), generator=g))
+    trainer = trainer_on(config, images, model_options=options, batch_size=batch, pretrain_steps=0)
+    model = trainer.model.train()
+    x = trainer.task.inputs(images.tensors[0][:batch])
     with torch.no_grad():                                  # baseline: f at a typical state
-        f, z, _ = model.deq.fixed_point_map(model.stem(x))
-        z = f(f(z))
-        t_f = median_time(lambda: f(z), max(9, 3 * repeats))
-    model.deq.pretrain_steps = 0
-    t_deq = median_time(step, repeats)
-    nfe = (model.deq.forward_stats.nfe, model.deq.backward_stats.nfe)
-    model.deq.pretrain_steps = config["pretrain_depth"]
-    t_warm = median_time(step, repeats)
-    return dict(name=name, params=count_parameters(model), size=size, t_f=t_f, t_deq=t_deq,
-                t_warm=t_warm, nfe=nfe, depth=config["pretrain_depth"])
+        m = model.deq.fixed_point_map(model.stem(x))
+        z = m.f(m.f(m.z0))
+        t_f = median_time(lambda: m.f(z), max(9, 3 * repeats))
+    t_deq = median_time(trainer.train_step, repeats)
+    record = trainer.train_step()
+    params, nfe = count_parameters(model), (record["fwd_nfe"], record["bwd_nfe"])
+    warm_up = trainer_on(config, images, model_options=options, batch_size=batch,
+                         pretrain_steps=10 ** 9)             # every step a warm-up step
+    t_warm = median_time(warm_up.train_step, repeats)
+    return dict(name=name, params=params, size=size, t_f=t_f, t_deq=t_deq, t_warm=t_warm,
+                nfe=nfe, depth=config["pretrain_depth"])
 
 
 def main():

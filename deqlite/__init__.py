@@ -2,17 +2,23 @@
 
     cell (weight-tied, input-injected f(z, x))  +  solver (z* = f(z*, x))  +  gradient rule (IFT)
 
-See the notebooks in ``notebooks/`` for the guided tour.
+The core is this folder: ``cells``, ``solvers``, ``gradients``, ``deq`` (the three put together),
+``stats``, ``jacobian``, ``projections``, ``jiio``, ``memory``, ``diagnostics``, ``plots``. The
+application (``models``, ``data``, ``train``) and the classroom (``classroom``) are subpackages
+that import the core, never the other way round. See the notebooks in ``notebooks/`` for the
+guided tour.
 """
 from .cells import MLPCell, spectral_rescale_
-from .deq import DEQ, DEQConvergenceError, DEQConvergenceWarning
+from .deq import DEQ
 from .diagnostics import diagnose
-from .solvers import SOLVERS, anderson, broyden, forward_iteration, get_solver, solve
-from .stats import SolverStats
+from .gradients import BACKWARDS
+from .solvers import SOLVERS, SolverSpec, anderson, broyden, forward_iteration, get_solver, solve
+from .stats import DEQConvergenceError, DEQConvergenceWarning, SolverStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MLPCell", "spectral_rescale_", "DEQ", "DEQConvergenceError", "DEQConvergenceWarning", "diagnose",
-    "SOLVERS", "anderson", "broyden", "forward_iteration", "get_solver", "solve", "SolverStats",
+    "BACKWARDS", "SOLVERS", "SolverSpec", "anderson", "broyden", "forward_iteration", "get_solver",
+    "solve", "SolverStats",
 ]

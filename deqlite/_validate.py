@@ -43,13 +43,22 @@ def keyword_options(fn: Callable) -> list[str]:
             if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
+def check_keys(given: Iterable[str], valid: Iterable[str], *, what: str | None = None,
+               noun: str = "option", error: type = TypeError) -> None:
+    """The one "unknown key" check: raise `error` for the first key of `given` that is not in
+    `valid`, naming it, suggesting the closest valid one and listing them all. `what` says whose
+    keys they are ("solver 'anderson'"); `noun` what they are ("option", "config key")."""
+    valid = list(valid)
+    for key in given:
+        if key not in valid:
+            who = f"{what} got an unknown {noun}" if what else f"unknown {noun}"
+            raise error(f"{who} {key!r}.{did_you_mean(str(key), valid)} "
+                        f"Valid {noun}s: {', '.join(valid)}.")
+
+
 def check_options(fn: Callable, options: Mapping[str, Any], what: str) -> None:
     """Raise TypeError naming every option in `options` that `fn` does not take."""
-    valid = keyword_options(fn)
-    for key in options:
-        if key not in valid:
-            raise TypeError(f"{what} got an unknown option {key!r}.{did_you_mean(key, valid)} "
-                            f"Valid options: {', '.join(valid)}.")
+    check_keys(options, keyword_options(fn), what=what)
 
 
 def strict_options(fn: Callable) -> Callable:
@@ -98,3 +107,15 @@ def check_positive_ints(**values: Any) -> None:
     """Each keyword's value is an integer ≥ 1 (sizes: widths, heads, classes, ...)."""
     for name, value in values.items():
         check_range(value, name, low=1, integer=True)
+
+
+def check_int_list(values: Any, name: str, *, low: int = 1, high: int | None = None,
+                   example: str = "[32, 64]") -> list:
+    """A non-empty list (or tuple) of integers in [low, high], returned as a list (channels per
+    branch, head widths, the adaptive softmax's cutoffs)."""
+    if isinstance(values, int) or not isinstance(values, (list, tuple)) or not values:
+        raise TypeError(f"{name} must be a non-empty list of integers, e.g. {example}, got "
+                        f"{values!r}.")
+    for i, value in enumerate(values):
+        check_range(value, f"{name}[{i}]", low=low, high=high, integer=True)
+    return list(values)

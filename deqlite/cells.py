@@ -12,8 +12,9 @@ Every cell has two methods:
 
 and ``init_state(injection)``, the starting point z0 of a solve (zeros).
 
-The cells: ``MLPCell`` (vectors), ``ConvCell`` (feature maps at one resolution) and
-``MultiscaleCell`` (MDEQ: feature maps at several resolutions, a state that is a list). The two
+The cells: ``MLPCell`` (vectors), ``ConvCell`` (feature maps at one resolution),
+``MultiscaleCell`` (MDEQ: feature maps at several resolutions, a state that is a list) and
+``TransformerCell`` (the DEQ-Transformer's block over a sequence of states). The two
 convolutional cells are built from MDEQ's residual block (Bai, Koltun, Kolter, "Multiscale Deep
 Equilibrium Models", NeurIPS 2020) with three ingredients that keep a weight-tied conv layer
 trainable as an equilibrium model:
@@ -32,12 +33,14 @@ trainable as an equilibrium model:
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._validate import check_range, check_tensor
+from ._validate import check_int_list, check_positive_ints, check_range, check_tensor, lookup
 
 
 def spectral_rescale_(weight: torch.Tensor, scale: float) -> torch.Tensor:
@@ -115,12 +118,21 @@ def _check_images(x: torch.Tensor, in_channels: int, cell: str) -> None:
                          f"{in_channels}, height, width), got {tuple(x.shape)}.")
 
 
-def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """A variational (channel) dropout mask for feature maps shaped like ``like`` (N, C, H, W):
-    shape (N, C, 1, 1), entries 0 with probability p and 1/(1−p) otherwise, so E[m] = 1."""
-    keep = torch.full((like.shape[0], like.shape[1], 1, 1), 1 - p, dtype=like.dtype,
-                      device=like.device)
+def variational_mask(like: torch.Tensor, p: float, shared: tuple = (2, 3)) -> torch.Tensor:
+    """A variational dropout mask for a state shaped like ``like``: entries 0 with probability p
+    and 1/(1−p) otherwise (so E[m] = 1), one draw shared along the dimensions ``shared`` (size 1
+    there): ``(2, 3)``, the spatial ones, drops whole channels of (N, C, H, W) feature maps;
+    ``(1,)`` drops features of (N, T, d) sequences at every position."""
+    shape = [1 if i in shared else n for i, n in enumerate(like.shape)]
+    keep = torch.full(shape, 1 - p, dtype=like.dtype, device=like.device)
     return torch.bernoulli(keep) / (1 - p)
+
+
+def check_dropout(dropout: float) -> None:
+    """A dropout rate p in [0, 1) (a rate of 1 would drop everything)."""
+    check_range(dropout, "dropout", low=0, high=1)
+    if dropout == 1:
+        raise ValueError("dropout must be below 1 (a rate of 1 drops every channel or feature).")
 
 
 class ResidualBlock(nn.Module):
@@ -177,9 +189,7 @@ class ConvCell(nn.Module):
                  dropout: float = 0.0, weight_norm: bool = True):
         super().__init__()
         check_range(in_channels, "in_channels", low=1, integer=True)
-        check_range(dropout, "dropout", low=0, high=1)
-        if dropout == 1:
-            raise ValueError("dropout must be below 1 (a rate of 1 drops every channel).")
+        check_dropout(dropout)
         self.in_channels, self.channels, self.dropout = in_channels, channels, dropout
         self.block = ResidualBlock(channels, expansion=expansion, groups=groups,
                                    weight_norm=weight_norm)
@@ -189,7 +199,7 @@ class ConvCell(nn.Module):
         """``[u]`` with u = conv(x), plus the dropout mask ``[u, m]`` in training mode."""
         _check_images(x, self.in_channels, "ConvCell")
         u = self.injection(x)
-        return [u, dropout_mask(u, self.dropout)] if self.training and self.dropout else [u]
+        return [u, variational_mask(u, self.dropout)] if self.training and self.dropout else [u]
 
     def init_state(self, injection: list) -> torch.Tensor:
         """z0 = 0, shaped like u: (batch, channels, H, W)."""
@@ -251,13 +261,8 @@ class MultiscaleCell(nn.Module):
         super().__init__()
         check_range(in_channels, "in_channels", low=1, integer=True)
         check_range(groups, "groups", low=1, integer=True)
-        check_range(dropout, "dropout", low=0, high=1)
-        if dropout == 1:
-            raise ValueError("dropout must be below 1 (a rate of 1 drops every channel).")
-        if isinstance(channels, int) or not channels:
-            raise TypeError(f"channels must be a non-empty list of integers, one per branch "
-                            f"(e.g. [32, 64]), got {channels!r}.")
-        channels = list(channels)
+        check_dropout(dropout)
+        channels = check_int_list(channels, "channels")
         post_groups = max(1, groups // 2)
         for i, c in enumerate(channels):
             _check_channels(c, groups, f"channels[{i}]")
@@ -285,7 +290,7 @@ class MultiscaleCell(nn.Module):
         u = self.injection(x)
         if not (self.training and self.dropout):
             return [u]
-        masks = [dropout_mask(u.new_empty(u.shape[0], c, 1, 1), self.dropout)
+        masks = [variational_mask(u.new_empty(u.shape[0], c, 1, 1), self.dropout)
                  for c in self.channels]
         return [u, *masks]
 
@@ -326,3 +331,98 @@ class MultiscaleCell(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, channels={self.channels}, dropout={self.dropout}"
+
+
+# --- sequences: the DEQ-Transformer's block ----------------------------------------------------------
+
+NORMS = ("post", "pre")
+
+
+def causal_mask(length: int, like: torch.Tensor) -> torch.Tensor:
+    """(length, length) additive mask: 0 on and below the diagonal, −inf above (key s > query t),
+    so that softmax gives exactly zero weight to future positions."""
+    return nn.Transformer.generate_square_subsequent_mask(length, device=like.device,
+                                                          dtype=like.dtype)
+
+
+class TransformerCell(nn.Module):
+    """One weight-tied Transformer block with input injection (the DEQ-Transformer of Bai, Kolter,
+    Koltun 2019), on states z (batch, T, d) and embedded tokens x:
+
+        u = W_u x + b_u (inject),   h = z + u
+        post-LN:  y = LN₁(h + m₁ ⊙ Attn(h)),       f(z, x) = LN₂(y + m₂ ⊙ FFN(y))
+        pre-LN:   y = LN₂(h + m₁ ⊙ Attn(LN₁(h))),  f(z, x) = y + m₂ ⊙ FFN(y)
+
+    Attn is ``nn.MultiheadAttention`` with a causal mask (position t sees positions ≤ t), so
+    position t of f depends on positions ≤ t only, and the equilibrium is causal too (where it
+    is unique). m₁, m₂: variational dropout masks of shape (batch, 1, d), the same at every
+    position and solver iteration (no dropout on the attention probabilities: torch's would
+    change f between iterations). Pre-LN's FFN residual starts from the normalized y, as in
+    locuslab's pre-LN DEQ-Transformer, so that f stays bounded (a textbook pre-LN block returns
+    z + u + ..., whose Jacobian I + ... is at best neutrally stable). See
+    ``deqlite.models.language`` for how the input enters and the language models around it.
+
+    Args:
+        d_model: width of the state z (batch, T, d_model).
+        n_heads: attention heads (d_model must be a multiple).
+        d_ff: inner width of the feed-forward network.
+        dropout: variational dropout rate on the attention and feed-forward outputs.
+        norm: ``"post"`` (LayerNorm after each residual sum, the DEQ paper's) or ``"pre"``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, *, dropout: float = 0.0,
+                 norm: str = "post"):
+        super().__init__()
+        check_positive_ints(d_model=d_model, n_heads=n_heads, d_ff=d_ff)
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads} (each head "
+                             f"gets d_model / n_heads features); change one of them.")
+        check_dropout(dropout)
+        self.norm_kind = lookup(NORMS, norm, "norm")
+        self.d_model, self.n_heads, self.d_ff, self.dropout = d_model, n_heads, d_ff, dropout
+        self.injection = nn.Linear(d_model, d_model)
+        self.attention = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model))
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def inject(self, x: torch.Tensor) -> list:
+        """``[u]`` with u = W_u x + b_u for embedded tokens x (batch, T, d_model), plus the two
+        dropout masks ``[u, m₁, m₂]`` in training mode."""
+        check_tensor(x, "x")
+        if x.dim() != 3 or x.shape[2] != self.d_model:
+            raise ValueError(f"TransformerCell(d_model={self.d_model}) expects embedded tokens of "
+                             f"shape (batch, T, {self.d_model}), got {tuple(x.shape)}.")
+        u = self.injection(x)
+        if not (self.training and self.dropout):
+            return [u]
+        return [u, variational_mask(u, self.dropout, (1,)), variational_mask(u, self.dropout, (1,))]
+
+    def init_state(self, injection: list) -> torch.Tensor:
+        """z0 = 0, shaped like u: (batch, T, d_model)."""
+        return torch.zeros_like(injection[0])
+
+    def _attend(self, h: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention. When a graph is being built, torch's plain ("math") attention
+        kernel: the fused CPU/GPU kernels have no second derivative, which the Jacobian
+        regularizer needs (it differentiates a vector–Jacobian product)."""
+        mask = causal_mask(h.shape[1], h)
+        with sdpa_kernel(SDPBackend.MATH) if torch.is_grad_enabled() else nullcontext():
+            return self.attention(h, h, h, attn_mask=mask, is_causal=True, need_weights=False)[0]
+
+    def forward(self, z: torch.Tensor, injection: list) -> torch.Tensor:
+        u, *masks = injection
+        if z.shape != u.shape:
+            raise ValueError(f"state z has shape {tuple(z.shape)} but the injection has shape "
+                             f"{tuple(u.shape)}; they must match (batch, T, {self.d_model}).")
+        m1, m2 = masks if masks else (1.0, 1.0)
+        h = z + u
+        if self.norm_kind == "post":
+            y = self.norm1(h + m1 * self._attend(h))
+            return self.norm2(y + m2 * self.ff(y))
+        y = self.norm2(h + m1 * self._attend(self.norm1(h)))
+        return y + m2 * self.ff(y)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, d_ff={self.d_ff}, "
+                f"dropout={self.dropout}, norm={self.norm_kind!r}")

@@ -24,44 +24,12 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from .deq import DEQ
+from .deq import equilibrium, find_deq
 from .jacobian import exact_jacobian, hutchinson_frobenius, ritz_values
-from .plots import ensure_figure_display, plot_residuals
-from .solvers import flatten_state
+from .plots import plot_diagnosis
 from .stats import SolverStats
 
 EXACT_LIMIT = 256          # states up to this size get the exact Jacobian
-
-
-def find_deq(model: nn.Module) -> DEQ:
-    """The model itself if it is a DEQ, else its only DEQ submodule."""
-    if isinstance(model, DEQ):
-        return model
-    found = [m for m in model.modules() if isinstance(m, DEQ)]
-    if len(found) != 1:
-        raise ValueError(f"{type(model).__name__} holds {len(found)} DEQ modules; pass the DEQ "
-                         f"you mean and its own input, e.g. diagnose(model.deq, features).")
-    return found[0]
-
-
-@torch.no_grad()
-def equilibrium(model: nn.Module, inputs: torch.Tensor):
-    """Run `model` on `inputs` and return ``(deq, f, z)``: its DEQ, the fixed-point map
-    z ↦ f(z, x) on flat states (batch, D) for the DEQ's own input x (captured with a forward
-    hook), and the flat state the solve returned."""
-    deq = find_deq(model)
-    seen = {}
-
-    def capture(module, args, output):
-        seen["x"], seen["z"] = args[0], output
-
-    handle = deq.register_forward_hook(capture)
-    try:
-        model(inputs)
-    finally:
-        handle.remove()
-    f, _, _ = deq.fixed_point_map(seen["x"])
-    return deq, f, flatten_state(seen["z"])[0]
 
 
 @dataclass
@@ -100,26 +68,7 @@ class Diagnosis:
     def plot(self, fig: Optional[Figure] = None) -> Figure:
         """Left: the residual traces (every sample faintly, the batch max boldly). Right: J's
         eigenvalues for sample 0 in the complex plane, with the unit circle ρ = 1."""
-        ensure_figure_display()
-        fig = fig or Figure(figsize=(11, 4))
-        ax1, ax2 = fig.subplots(1, 2)
-        plot_residuals({self.stats.solver: self.stats}, ax1, per_sample=True)
-        ax1.legend(loc="lower left", fontsize=8)
-        ax1.set_title(f"forward solve: {self.status.split(':')[0].split(' (')[0]}")
-        t = torch.linspace(0, 2 * math.pi, 200)
-        ax2.plot(t.cos(), t.sin(), color="gray", linestyle=":", label="|λ| = 1")
-        eig = self.eigenvalues.cpu()
-        what = "eigenvalues of J" if self.exact else f"{len(eig)} Arnoldi estimates"
-        ax2.scatter(eig.real, eig.imag, s=12, label=f"{what} (sample 0)")
-        r = self.spectral_radius[0].item()
-        ax2.plot(r * t.cos(), r * t.sin(), color="C3", linewidth=1, label=f"ρ(J) = {r:.3f}")
-        ax2.set_aspect("equal")
-        ax2.set_xlabel("Re λ")
-        ax2.set_ylabel("Im λ")
-        ax2.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
-        ax2.set_title("spectrum of J = ∂f/∂z at the returned z")
-        fig.tight_layout()
-        return fig
+        return plot_diagnosis(self, fig)
 
     def __repr__(self) -> str:
         return self.report()
@@ -164,15 +113,9 @@ def diagnose(model: nn.Module, inputs: torch.Tensor, *, n_iter: int = 40,
     ``EXACT_LIMIT`` entries; larger ones get ρ(J) from ``n_iter`` Arnoldi steps and ‖J‖²_F/d
     from 8 Hutchinson probes.
     """
-    deq = find_deq(model)
-    saved = deq.pretrain_steps
-    deq.pretrain_steps = 0
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            deq, f, z = equilibrium(model, inputs)
-    finally:
-        deq.pretrain_steps = saved
+    with find_deq(model).options(pretrain_steps=0), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        deq, f, z = equilibrium(model, inputs)
     stats = deq.forward_stats
     if z[0].numel() <= EXACT_LIMIT:              # small state: the exact Jacobian
         J = exact_jacobian(f, z)
@@ -185,7 +128,8 @@ def diagnose(model: nn.Module, inputs: torch.Tensor, *, n_iter: int = 40,
             fro = hutchinson_frobenius(f(z_in), z_in, n_probes=8, kind="rademacher",
                                        generator=generator)
     rho = eig.abs().max(dim=1).values.to(z.dtype)
-    status, advice = _status_and_advice(stats, rho, deq.forward_solve["max_iter"])
-    return Diagnosis(stats=stats, max_iter=deq.forward_solve["max_iter"], spectral_radius=rho,
+    max_iter = deq.forward_solver.max_iter
+    status, advice = _status_and_advice(stats, rho, max_iter)
+    return Diagnosis(stats=stats, max_iter=max_iter, spectral_radius=rho,
                      frobenius=fro.detach(), eigenvalues=eig[0], exact=exact, status=status,
                      advice=advice)

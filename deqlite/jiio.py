@@ -44,80 +44,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from ._validate import check_range, check_tensor, lookup, strict_options
-from .solvers import AndersonMixer, flatten_state, unflatten_state
-from .stats import EPS
+from .deq import flat_map
+from .solvers import AndersonMixer, detach_state, flatten_state, unflatten_state, where_state
+from .stats import InputOptStats, Snapshot, residuals
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]     # (z, x) -> (batch,) objective
-
-
-# ---------------------------------------------------------------------------- projections
-
-class Box:
-    """Π(x) = min(max(x, low), high): the box low ≤ x ≤ high (numbers, or tensors that
-    broadcast against x, e.g. a pixel range [0, 1])."""
-
-    def __init__(self, low=-math.inf, high=math.inf):
-        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and not low < high:
-            raise ValueError(f"Box needs low < high, got low={low}, high={high}.")
-        self.low, self.high = low, high
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device)
-        high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device)
-        return torch.minimum(torch.maximum(x, low), high)
-
-    def violation(self, x: torch.Tensor) -> torch.Tensor:
-        """Per sample, how far x lies outside the box (0 inside)."""
-        return (x - self(x)).flatten(1).norm(dim=1)
-
-    def __repr__(self) -> str:
-        return f"Box(low={self.low}, high={self.high})"
-
-
-class L2Ball:
-    """Π(x) = c + (x − c) · min(1, r / ‖x − c‖₂), per sample: the ball ‖x − c‖₂ ≤ r around the
-    center c (default 0; shape of x, e.g. the clean images of an attack) with radius r (a number
-    or one per sample)."""
-
-    def __init__(self, radius, center: Optional[torch.Tensor] = None):
-        if isinstance(radius, torch.Tensor):
-            if radius.dim() != 1 or not bool((radius >= 0).all()):
-                raise ValueError("L2Ball's radius tensor must hold one radius ≥ 0 per sample, "
-                                 f"shape (batch,); got shape {tuple(radius.shape)}.")
-        else:
-            check_range(radius, "radius", low=0)
-        if center is not None:
-            check_tensor(center, "center")
-        self.radius, self.center = radius, center
-
-    def _offset(self, x: torch.Tensor) -> torch.Tensor:
-        if self.center is not None and self.center.shape != x.shape:
-            raise ValueError(f"L2Ball's center has shape {tuple(self.center.shape)}, x has shape "
-                             f"{tuple(x.shape)}; they must match.")
-        return x if self.center is None else x - self.center
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        d = self._offset(x)
-        norm = d.flatten(1).norm(dim=1)
-        r = torch.as_tensor(self.radius, dtype=x.dtype, device=x.device)
-        factor = torch.clamp(r / norm.clamp_min(torch.finfo(x.dtype).tiny), max=1.0)
-        d = d * factor.reshape(-1, *[1] * (x.dim() - 1))
-        return d if self.center is None else self.center + d
-
-    def violation(self, x: torch.Tensor) -> torch.Tensor:
-        """Per sample, how far x lies outside the ball (0 inside)."""
-        r = torch.as_tensor(self.radius, dtype=x.dtype, device=x.device)
-        return (self._offset(x).flatten(1).norm(dim=1) - r).clamp_min(0)
-
-    def __repr__(self) -> str:
-        return f"L2Ball(radius={self.radius}, center={'0' if self.center is None else 'given'})"
 
 
 def _identity(x):
@@ -125,74 +63,6 @@ def _identity(x):
 
 
 # ---------------------------------------------------------------------------- the record
-
-@dataclass
-class Snapshot:
-    """x as it was after ``iteration`` iterations (or outer steps), with the work spent so far."""
-    iteration: int
-    f_evals: int
-    vjps: int
-    seconds: float
-    x: torch.Tensor
-
-    @property
-    def evaluations(self) -> int:
-        return self.f_evals + self.vjps
-
-
-@dataclass
-class InputOptStats:
-    """The record of one input optimization, JIIO or nested, per iteration (JIIO) or per outer
-    step (nested).
-
-    Attributes:
-        method: ``"jiio/damped"``, ``"jiio/anderson"`` or ``"nested/<optimizer>"``.
-        iterations: JIIO iterations, or nested outer steps.
-        f_evals, vjps: evaluations of f and vector–Jacobian products through f, counted apart
-            (a VJP costs about as much as an evaluation; ``evaluations`` is their sum).
-        objective: ``(iterations, batch)`` ℓ(z, x) at each iterate (for nested, at the solved z*;
-            for JIIO at the current z, which is only near z*(x): use ``objective_at`` on the
-            ``snapshots`` to compare methods fairly).
-        evaluations_at, seconds_at: ``(iterations,)`` work and wall time spent up to each iterate.
-        primal, adjoint, stationarity: ``(iterations, batch)`` KKT residuals (JIIO only, else
-            None): ‖f(z, x) − z‖/‖f(z, x)‖, ‖J_zᵀμ + ∇_zℓ − μ‖/‖J_zᵀμ + ∇_zℓ‖, and the norm of
-            the gradient mapping ‖x − Π(x − α ∇_x L)‖ / α (= ‖∇_x L‖ without constraints).
-        converged: ``(batch,)`` all three below tolerance (JIIO); None for nested.
-        best_iteration: ``(batch,)`` the iterate returned, per sample.
-        snapshots: x every ``record_every`` iterations (and the last), for ``objective_at``.
-        wall_time: seconds.
-    """
-
-    method: str
-    iterations: int
-    f_evals: int
-    vjps: int
-    objective: torch.Tensor
-    evaluations_at: torch.Tensor
-    seconds_at: torch.Tensor
-    best_iteration: torch.Tensor
-    wall_time: float
-    primal: Optional[torch.Tensor] = None
-    adjoint: Optional[torch.Tensor] = None
-    stationarity: Optional[torch.Tensor] = None
-    converged: Optional[torch.Tensor] = None
-    snapshots: list = field(default_factory=list)
-
-    @property
-    def evaluations(self) -> int:
-        return self.f_evals + self.vjps
-
-    def final(self, trace: torch.Tensor) -> torch.Tensor:
-        """Per sample, the value of a ``(iterations, batch)`` trace at the returned iterate."""
-        return trace.gather(0, self.best_iteration[None]).squeeze(0)
-
-    def __repr__(self) -> str:
-        done = "" if self.converged is None else \
-            f", converged {int(self.converged.sum())}/{self.converged.numel()}"
-        return (f"InputOptStats({self.method}: {self.iterations} iterations, {self.f_evals} f "
-                f"evaluations + {self.vjps} VJPs{done}, mean objective "
-                f"{self.final(self.objective).mean().item():.4g}, {self.wall_time:.2f} s)")
-
 
 class _Recorder:
     """Bookkeeping shared by jiio and nested: traces, counters, snapshots, the per-sample best."""
@@ -232,10 +102,11 @@ class _Recorder:
 @dataclass
 class JIIOResult:
     """``x``: the optimized inputs, ``z``: their equilibrium states, ``adjoint``: μ (flat,
-    (batch, D)), ``stats``: the record. Each is, per sample, the best iterate seen."""
+    (batch, D); None for ``nested``, which solves the adjoint anew at every step), ``stats``: the
+    record. Each is, per sample, the best iterate seen."""
     x: torch.Tensor
     z: object
-    adjoint: torch.Tensor
+    adjoint: Optional[torch.Tensor]
     stats: InputOptStats
 
 
@@ -247,11 +118,8 @@ def _cell_map(deq: nn.Module, encode: Callable, x: torch.Tensor, z0=None):
     with torch.no_grad():
         z0_flat, spec = flatten_state(cell.init_state(cell.inject(encode(x))) if z0 is None
                                       else z0, "z0")
-
-    def f(z_flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        z = unflatten_state(z_flat, spec)
-        return flatten_state(cell(z, cell.inject(encode(x))), check=False)[0]
-    return f, z0_flat, spec
+    step = flat_map(cell, spec)
+    return (lambda z_flat, x: step(z_flat, cell.inject(encode(x)))), z0_flat, spec
 
 
 def augmented_map(f: Callable, loss: Loss, z: torch.Tensor, mu: torch.Tensor, x: torch.Tensor,
@@ -287,6 +155,74 @@ def _objective(loss: Loss, z, x: torch.Tensor) -> torch.Tensor:
     return value
 
 
+class _JointTracker:
+    """JIIO's per-sample bookkeeping (as ``solvers._Tracker`` is the solvers'): the three KKT
+    residuals of every iterate, its merit (the largest residual over its tolerance), convergence
+    (merit ≤ 1; a converged sample is frozen) and the best iterate by merit."""
+
+    def __init__(self, w: tuple, *, tol: float, grad_tol: float, step_size: float):
+        z = w[0]
+        self.tol, self.grad_tol, self.step_size = tol, grad_tol, step_size
+        self.traces: dict[str, list] = dict(primal=[], adjoint=[], stationarity=[])
+        self.done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        self.merit = self.best_merit = torch.full((z.shape[0],), math.inf, dtype=z.dtype,
+                                                  device=z.device)
+        self.best, self.best_iteration = w, torch.zeros_like(self.done, dtype=torch.long)
+
+    @torch.no_grad()
+    def judge(self, k: int, w: tuple, Tw: tuple) -> tuple:
+        """Record iterate k, w = (z, μ, x), from its image Tw = (f, J_zᵀμ + ∇_zℓ, Π(x − α∇_xL))."""
+        (z, mu, x), (fz, adj, x_next) = w, Tw
+        primal, adjoint = residuals(fz, z)[1], residuals(adj, mu)[1]
+        stationarity = (x - x_next).flatten(1).norm(dim=1) / self.step_size
+        self.merit = torch.maximum(torch.maximum(primal, adjoint) / self.tol,
+                                   stationarity / self.grad_tol)
+        better = ~self.done & (self.merit < self.best_merit)
+        self.best_merit = torch.where(better, self.merit, self.best_merit)
+        self.best_iteration = torch.where(better, k, self.best_iteration)
+        self.best = where_state(better, list(w), self.best)
+        self.done = self.done | (self.merit <= 1)
+        for name, value in zip(self.traces, (primal, adjoint, stationarity)):
+            self.traces[name].append(value)
+        return primal, adjoint, stationarity
+
+    def kkt(self) -> dict:
+        return {name: torch.stack(trace) for name, trace in self.traces.items()}
+
+
+class _JointStep:
+    """The step on w = (z, μ, x): damped, w + D (T(w) − w) with D = (a, b, 1) per block, or
+    Anderson on the joint state with the safeguard (see ``jiio``); x projected after it."""
+
+    def __init__(self, solver: str, sizes: tuple, like: torch.Tensor, *, z_damping: float,
+                 adjoint_damping: float, m: int, beta: float, lam: float, safeguard: float):
+        self.sizes, self.safeguard, self.previous_merit = sizes, safeguard, None
+        self.mixer = AndersonMixer(like.shape[0], sum(sizes), m=m, beta=beta, lam=lam, like=like) \
+            if solver == "anderson" else None
+        self.damping = torch.cat([torch.full((sizes[0],), z_damping),
+                                  torch.full((sizes[1],), adjoint_damping),
+                                  torch.ones(sizes[2])]).to(like)
+
+    @torch.no_grad()
+    def __call__(self, w: tuple, Tw: tuple, merit: torch.Tensor, done: torch.Tensor,
+                 project: Callable) -> tuple:
+        x = w[2]
+        w_flat = torch.cat([w[0], w[1], x.flatten(1)], dim=1)
+        Tw_flat = torch.cat([Tw[0], Tw[1], Tw[2].flatten(1)], dim=1)
+        w_damped = w_flat + self.damping * (Tw_flat - w_flat)
+        if self.mixer is None:
+            w_next = w_damped
+        else:
+            w_next = self.mixer.step(w_flat, Tw_flat, done)
+            if self.safeguard and self.previous_merit is not None:   # merit rose: damped step
+                rose = merit > self.safeguard * self.previous_merit
+                w_next = torch.where(rose[:, None], w_damped, w_next)
+        self.previous_merit = merit
+        w_next = torch.where(done[:, None], w_flat, w_next)
+        z, mu, x_flat = w_next.split(self.sizes, dim=1)
+        return z, mu, project(x_flat.reshape(x.shape))
+
+
 JIIO_SOLVERS = ("damped", "anderson")
 
 
@@ -297,202 +233,151 @@ def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float,
          max_iter: int = 200, z_damping: float = 1.0, adjoint_damping: float = 1.0,
          m: int = 5, beta: float = 1.0, lam: float = 1e-4, safeguard: float = 1.0, z0=None,
          record_every: int = 0, callback: Optional[Callable] = None) -> JIIOResult:
-    """Minimize ``loss(z*, x)`` over x per sample, z* the equilibrium of ``deq`` at input
-    ``encode(x)``, by one fixed point over (z, μ, x) (see the module docstring).
+    """Minimize ``loss(z*, x) -> (batch,)`` over x per sample, z* the equilibrium of ``deq``'s
+    cell (not its solver settings) at input ``encode(x)`` (default: x), by one fixed point over
+    (z, μ, x) from (z0 or the cell's ``init_state``, 0, Π(x0)) (see the module docstring).
 
-    Args:
-        deq: a ``deqlite.DEQ`` (its cell is used; its own solver settings are not).
-        x0: starting inputs (batch, ...); projected onto C first.
-        loss: ``loss(z, x) -> (batch,)``, one objective per sample (z in the cell's state shape).
-        step_size: α, the step on x.
-        solver: ``"anderson"`` (joint Anderson acceleration) or ``"damped"`` iteration.
-        projection: Π_C, e.g. ``Box(0, 1)`` or ``L2Ball(eps, center=x_clean)``; None: no constraint.
-        encode: maps x to the DEQ's input (e.g. a classifier's stem); default the identity.
-        tol: bound on the primal and adjoint residuals (relative, as the solvers' ``stop="rel"``).
-        grad_tol: bound on the gradient mapping's norm (absolute: in units of ∇_x ℓ).
-        max_iter: iteration budget (each one f evaluation + one VJP).
-        z_damping, adjoint_damping: a and b of the damped iteration (``solver="damped"`` only).
-        m, beta, lam: Anderson's history size, mixing and regularizer (``solvers.anderson``).
-        safeguard: Anderson only: a sample whose KKT merit (its largest residual over its
-            tolerance) rose above ``safeguard`` × the previous iterate's takes the damped step
-            next instead of the extrapolated one (0: never). Without it joint Anderson can stall
-            on ill-conditioned input problems (see ``benchmarks/README.md``).
-        z0: starting state (default the cell's ``init_state``); μ starts at 0.
-        record_every: keep a snapshot of x every this many iterations (0: none).
-        callback: called after each iteration as ``callback(k, primal, adjoint, stationarity)``
-            with that iterate's three residuals, per sample.
-
-    Returns a ``JIIOResult``; a sample is ``converged`` when all three residuals are within
-    tolerance, and it stops changing from then on.
+    ``step_size`` α: the step on x. ``solver``: ``"anderson"`` (joint Anderson with history ``m``,
+    mixing ``beta``, regularizer ``lam``, as ``solvers.anderson``) or ``"damped"`` (a =
+    ``z_damping``, b = ``adjoint_damping``). ``projection``: Π_C, e.g. ``Box(0, 1)`` or
+    ``L2Ball(eps, center=x_clean)``; None: unconstrained. ``tol`` bounds the relative primal and
+    adjoint residuals, ``grad_tol`` the gradient mapping's norm ‖x − Π(x − α∇_xL)‖/α (in units of
+    ∇_xℓ); a sample is converged, and frozen, when all three are within. ``max_iter``: iterations,
+    each one f evaluation + one VJP. ``safeguard`` (Anderson): a sample whose merit (its largest
+    residual over its tolerance) rose above ``safeguard`` × the previous one takes the damped step
+    instead (0: never; without it joint Anderson can stall on ill-conditioned problems,
+    ``benchmarks/README.md``). ``record_every``: keep a snapshot of x every this many iterations.
+    ``callback(k, primal, adjoint, stationarity)`` sees each iterate's residuals, per sample.
     """
     _check_problem(deq, x0, loss, encode, projection)
     lookup(JIIO_SOLVERS, solver, "JIIO solver")
-    check_range(step_size, "step_size", low=0, low_open=True)
-    check_range(tol, "tol", low=0, low_open=True)
-    check_range(grad_tol, "grad_tol", low=0, low_open=True)
+    for name, value in dict(step_size=step_size, tol=tol, grad_tol=grad_tol).items():
+        check_range(value, name, low=0, low_open=True)
     check_range(max_iter, "max_iter", low=1, integer=True)
-    check_range(z_damping, "z_damping", low=0, high=1, low_open=True)
-    check_range(adjoint_damping, "adjoint_damping", low=0, high=1, low_open=True)
+    for name, value in dict(z_damping=z_damping, adjoint_damping=adjoint_damping).items():
+        check_range(value, name, low=0, high=1, low_open=True)
     check_range(safeguard, "safeguard", low=0)
-    encode = encode or _identity
-    project = projection or _identity
+    encode, project = encode or _identity, projection or _identity
     x = project(x0.detach())
     f, z, spec = _cell_map(deq, encode, x, z0)
-
-    def flat_loss(z_flat, x):
-        return _objective(loss, unflatten_state(z_flat, spec), x)
-    mu = torch.zeros_like(z)
-    sizes = (z.shape[1], mu.shape[1], x[0].numel())
-    batch = x.shape[0]
-    mixer = AndersonMixer(batch, sum(sizes), m=m, beta=beta, lam=lam, like=z) \
-        if solver == "anderson" else None
-    damping = torch.cat([torch.full((sizes[0],), z_damping), torch.full((sizes[1],), adjoint_damping),
-                         torch.ones(sizes[2])]).to(z)
+    flat_loss = lambda z_flat, x: _objective(loss, unflatten_state(z_flat, spec), x)  # noqa: E731
+    w = (z, torch.zeros_like(z), x)                     # (z, μ, x)
+    step = _JointStep(solver, (z.shape[1], z.shape[1], x[0].numel()), z, z_damping=z_damping,
+                      adjoint_damping=adjoint_damping, m=m, beta=beta, lam=lam, safeguard=safeguard)
+    tracker = _JointTracker(w, tol=tol, grad_tol=grad_tol, step_size=step_size)
     rec = _Recorder(record_every)
-    primal_t, adjoint_t, stat_t = [], [], []
-    done = torch.zeros(batch, dtype=torch.bool, device=z.device)
-    best_merit = torch.full((batch,), math.inf, dtype=z.dtype, device=z.device)
-    best = (z, mu, x)
-    best_iteration = torch.zeros(batch, dtype=torch.long, device=z.device)
     for k in range(max_iter):
-        fz, adj, x_next, obj = augmented_map(f, flat_loss, z, mu, x, step_size, project)
-        rec.f_evals += 1
-        rec.vjps += 1
-        with torch.no_grad():
-            primal = (fz - z).norm(dim=1) / (fz.norm(dim=1) + EPS)
-            adjoint = (adj - mu).norm(dim=1) / (adj.norm(dim=1) + EPS)
-            stationarity = (x - x_next).flatten(1).norm(dim=1) / step_size
-            merit = torch.maximum(torch.maximum(primal, adjoint) / tol, stationarity / grad_tol)
-            better = ~done & (merit < best_merit)
-            best_merit = torch.where(better, merit, best_merit)
-            best_iteration = torch.where(better, k, best_iteration)
-            best = _where_state(better, [z, mu, x], best)
-            done = done | (merit <= 1)
-        for trace, value in ((primal_t, primal), (adjoint_t, adjoint), (stat_t, stationarity)):
-            trace.append(value)
-        rec.record(obj, x)
+        *Tw, objective = augmented_map(f, flat_loss, *w, step_size, project)
+        rec.f_evals, rec.vjps = rec.f_evals + 1, rec.vjps + 1
+        kkt = tracker.judge(k, w, Tw)
+        rec.record(objective, w[2])
         if callback is not None:
-            callback(k + 1, primal, adjoint, stationarity)
-        if bool(done.all()):
+            callback(k + 1, *kkt)
+        if bool(tracker.done.all()):
             break
-        with torch.no_grad():                            # the step on w = (z, μ, x)
-            w = torch.cat([z, mu, x.flatten(1)], dim=1)
-            Tw = torch.cat([fz, adj, x_next.flatten(1)], dim=1)
-            w_damped = w + damping * (Tw - w)
-            if mixer is None:
-                w_next = w_damped
-            else:
-                w_next = mixer.step(w, Tw, done)
-                if safeguard and k > 0:          # merit rose: a damped step for that sample
-                    rose = merit > safeguard * previous_merit
-                    w_next = torch.where(rose[:, None], w_damped, w_next)
-            previous_merit = merit
-            w_next = torch.where(done[:, None], w, w_next)
-            z, mu, x_flat = w_next.split(sizes, dim=1)
-            x = project(x_flat.reshape(x.shape))
-    z_best, mu_best, x_best = best
-    stats = rec.stats(f"jiio/{solver}", best_iteration, x,
-                      primal=torch.stack(primal_t), adjoint=torch.stack(adjoint_t),
-                      stationarity=torch.stack(stat_t), converged=done)
+        w = step(w, Tw, tracker.merit, tracker.done, project)
+    z_best, mu_best, x_best = tracker.best
+    stats = rec.stats(f"jiio/{solver}", tracker.best_iteration, w[2], **tracker.kkt(),
+                      converged=tracker.done)
     return JIIOResult(x=x_best, z=unflatten_state(z_best, spec), adjoint=mu_best, stats=stats)
 
 
 # ---------------------------------------------------------------------------- nested baseline
 
-OPTIMIZERS = ("sgd", "adam", "normalized", "lbfgs")
+INPUT_OPTIMIZERS = ("sgd", "adam", "normalized", "lbfgs")
+
+
+class _BestInput:
+    """Per sample, the input with the lowest objective seen so far, its state and iteration."""
+
+    def __init__(self):
+        self.objective = self.x = self.z = self.iteration = None
+
+    @torch.no_grad()
+    def update(self, objective: torch.Tensor, x: torch.Tensor, z, iteration: int) -> None:
+        if self.objective is None:
+            self.objective, self.x, self.z = objective, x.clone(), z
+            self.iteration = torch.full_like(objective, iteration, dtype=torch.long)
+            return
+        better = objective < self.objective
+        self.objective = torch.where(better, objective, self.objective)
+        self.x, self.z = where_state(better, x, self.x), where_state(better, z, self.z)
+        self.iteration = torch.where(better, iteration, self.iteration)
+
+
+def _input_optimizer(name: str, x: torch.Tensor, lr: float):
+    """torch's Adam, or L-BFGS with a strong-Wolfe line search (one iteration per step, up to 25
+    evaluations); None for the steps taken by hand (sgd, normalized)."""
+    if name == "adam":
+        return torch.optim.Adam([x], lr=lr)
+    if name == "lbfgs":
+        return torch.optim.LBFGS([x], lr=lr, max_iter=1, max_eval=25, tolerance_grad=1e-12,
+                                 tolerance_change=1e-15, line_search_fn="strong_wolfe")
+    return None
+
+
+@torch.no_grad()
+def _descend(name: str, opt, x: torch.Tensor, lr: float, project: Callable) -> None:
+    """One step on x from its gradient (adam, sgd or normalized), then the projection."""
+    if name == "adam":
+        opt.step()
+    elif name == "sgd":
+        x -= lr * x.grad
+    else:
+        norm = x.grad.flatten(1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+        x -= lr * x.grad / norm.reshape(-1, *[1] * (x.dim() - 1))
+    x.copy_(project(x))
 
 
 @strict_options
 def nested(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, lr: float, steps: int,
            optimizer: str = "adam", projection: Optional[Callable] = None,
            encode: Optional[Callable] = None, warm_start: bool = True,
-           record_every: int = 0, callback: Optional[Callable] = None):
+           record_every: int = 0, callback: Optional[Callable] = None) -> JIIOResult:
     """The baseline JIIO is measured against: at every step, solve the equilibrium z*(x) to the
     DEQ's own tolerance (forward solve), take ∇_x ℓ(z*(x), x) by the IFT backward (adjoint solve),
     then step x with ``optimizer`` and project.
 
-    Optimizers: ``"sgd"`` (x ← x − lr·g), ``"adam"`` (torch's Adam, elementwise so per sample),
-    ``"normalized"`` (x ← x − lr·g/‖g‖ per sample: L2 PGD's step), ``"lbfgs"`` (torch's L-BFGS with
-    a strong-Wolfe line search, on the summed objective; no projection; each step may evaluate
-    several times: the reference optimum). ``warm_start`` starts each forward solve from the last
-    z*. Returns ``(x, z, stats)`` with x the best iterate per sample and ``stats`` an
-    ``InputOptStats``; evaluations count every forward solve's NFE plus the application of f that
-    carries the graph, VJPs every adjoint NFE plus the final pass to x.
+    Optimizers (``INPUT_OPTIMIZERS``): ``"sgd"`` (x ← x − lr·g), ``"adam"`` (torch's Adam,
+    elementwise so per sample), ``"normalized"`` (x ← x − lr·g/‖g‖ per sample: L2 PGD's step),
+    ``"lbfgs"`` (torch's L-BFGS with a strong-Wolfe line search, on the summed objective; no
+    projection; each step may evaluate several times: the reference optimum). ``warm_start``
+    starts each forward solve from the last z*. Returns a ``JIIOResult`` (x the best iterate per
+    sample, ``adjoint`` None); evaluations count every forward solve's NFE plus the application
+    of f that carries the graph, VJPs every adjoint NFE plus the final pass to x.
     """
     _check_problem(deq, x0, loss, encode, projection)
-    lookup(OPTIMIZERS, optimizer, "optimizer")
+    lookup(INPUT_OPTIMIZERS, optimizer, "optimizer")
     check_range(lr, "lr", low=0, low_open=True)
     check_range(steps, "steps", low=1, integer=True)
     if optimizer == "lbfgs" and projection is not None:
         raise ValueError("optimizer='lbfgs' takes no projection; use 'adam', 'sgd' or 'normalized'.")
-    encode = encode or _identity
-    project = projection or _identity
+    encode, project = encode or _identity, projection or _identity
     x = project(x0.detach()).clone().requires_grad_()
-    rec = _Recorder(record_every)
-    shape = (-1, *[1] * (x.dim() - 1))
-    best = dict(objective=None, x=None, z=None, iteration=None)
-    state = dict(z=None, objective=None, step=0)
+    rec, best, last = _Recorder(record_every), _BestInput(), dict(z=None, objective=None, step=0)
 
     def evaluate() -> torch.Tensor:     # the objective and ∇_x at the current x; keep the best
-        z = deq(encode(x), z0=state["z"] if warm_start else None)
-        obj = _objective(loss, z, x)
+        z = deq(encode(x), z0=last["z"] if warm_start else None)
+        objective = _objective(loss, z, x)
         x.grad = None
-        obj.sum().backward()
+        objective.sum().backward()
         rec.f_evals += deq.forward_stats.nfe + 1
         rec.vjps += (deq.backward_stats.nfe if deq.backward_stats is not None else 0) + 1
-        with torch.no_grad():
-            z, obj = _detach_state(z), obj.detach()
-            if best["objective"] is None:
-                best.update(objective=obj, x=x.detach().clone(), z=z,
-                            iteration=torch.full_like(obj, state["step"], dtype=torch.long))
-            else:
-                better = obj < best["objective"]
-                best.update(objective=torch.where(better, obj, best["objective"]),
-                            x=_where_state(better, x.detach(), best["x"]),
-                            z=_where_state(better, z, best["z"]),
-                            iteration=torch.where(better, state["step"], best["iteration"]))
-        state.update(z=z, objective=obj)
-        return obj.sum()
+        last.update(z=detach_state(z), objective=objective.detach())
+        best.update(last["objective"], x.detach(), last["z"], last["step"])
+        return objective.sum()
 
-    if optimizer == "adam":
-        opt = torch.optim.Adam([x], lr=lr)
-    elif optimizer == "lbfgs":    # one L-BFGS iteration per step, its line search up to 25 calls
-        opt = torch.optim.LBFGS([x], lr=lr, max_iter=1, max_eval=25, tolerance_grad=1e-12,
-                                tolerance_change=1e-15, line_search_fn="strong_wolfe")
+    opt = _input_optimizer(optimizer, x, lr)
     for k in range(steps):
-        state["step"] = k
-        if optimizer == "lbfgs":
-            opt.step(evaluate)
-        else:
-            evaluate()
-        rec.record(state["objective"], x)
+        last["step"] = k
+        opt.step(evaluate) if optimizer == "lbfgs" else evaluate()
+        rec.record(last["objective"], x)
         if callback is not None:
-            callback(k + 1, state["objective"])
-        if optimizer == "lbfgs":
-            continue
-        with torch.no_grad():
-            if optimizer == "adam":
-                opt.step()
-            elif optimizer == "sgd":
-                x -= lr * x.grad
-            else:
-                norm = x.grad.flatten(1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
-                x -= lr * x.grad / norm.reshape(shape)
-            x.copy_(project(x))
-    stats = rec.stats(f"nested/{optimizer}", best["iteration"], x)
-    return best["x"], best["z"], stats
-
-
-def _detach_state(z):
-    return z.detach() if isinstance(z, torch.Tensor) else [t.detach() for t in z]
-
-
-def _where_state(mask, new, old):
-    """Per sample (``mask``: (batch,)), ``new`` where true, ``old`` elsewhere; tensors of any
-    shape (batch, ...) or lists of them."""
-    if isinstance(new, torch.Tensor):
-        return torch.where(mask.reshape(-1, *[1] * (new.dim() - 1)), new, old)
-    return [_where_state(mask, n, o) for n, o in zip(new, old)]
+            callback(k + 1, last["objective"])
+        if optimizer != "lbfgs":
+            _descend(optimizer, opt, x, lr, project)
+    stats = rec.stats(f"nested/{optimizer}", best.iteration, x)
+    return JIIOResult(x=best.x, z=best.z, adjoint=None, stats=stats)
 
 
 # ---------------------------------------------------------------------------- evaluation, training
@@ -510,12 +395,14 @@ def attach(deq: nn.Module, result: JIIOResult, *, encode: Optional[Callable] = N
            scale: float = 1.0):
     """z = f(z*, x*) with a graph to the DEQ's parameters (x* detached), for training with JIIO in
     the loop: backpropagating a loss through z solves the adjoint g = Jᵀg + ∂ℓ/∂z with the DEQ's
-    backward settings, warm-started from ``scale`` · μ* (μ* solves it for ℓ summed over the batch;
-    pass ``scale=1/batch`` for a batch mean). The gradient is the IFT one, warm-started, whatever
-    the DEQ's ``backward`` rule, except ``"neumann"``, whose truncated series is summed from
-    ∂ℓ/∂z as usual (no warm start). Returns z in the cell's state shape."""
+    adjoint settings (``deq.adjoint``, an ``IFT`` rule: ``deq.gradient`` itself for
+    ``backward="ift"``, whatever the DEQ's rule otherwise), warm-started from ``scale`` · μ* (μ*
+    solves it for ℓ summed over the batch; pass ``scale=1/batch`` for a batch mean). Its record
+    is ``deq.adjoint.stats``. Returns z in the cell's state shape."""
+    if result.adjoint is None:
+        raise ValueError("attach needs JIIO's adjoint μ* (result.adjoint); a nested() result has "
+                         "none: use jiio() for training with input optimization in the loop.")
     encode = encode or _identity
-    x = result.x.detach()
-    f, z0, spec = deq.fixed_point_map(encode(x), result.z)
-    z = deq._attach_adjoint(z0.detach(), f, adjoint0=scale * result.adjoint.detach())
-    return unflatten_state(z, spec)
+    m = deq.fixed_point_map(encode(result.x.detach()), result.z)
+    z = deq.adjoint.attach(m.z0.detach(), m.f, adjoint0=scale * result.adjoint.detach())
+    return m.unflatten(z)

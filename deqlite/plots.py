@@ -12,6 +12,7 @@ nothing is displayed; the figure is still there to save or inspect.
 from __future__ import annotations
 
 import io
+import math
 import time
 import warnings
 from typing import Iterable, Mapping, Optional
@@ -156,158 +157,27 @@ def plot_residuals(stats: Mapping[str, SolverStats], ax=None, *, per_sample: boo
     return ax
 
 
-class TrainingDashboard(LiveFigure):
-    """Loss, accuracy, solver effort (NFE), residual and the Jacobian at z* (spectral radius and
-    ‖J‖²_F / d, the quantity Jacobian regularization penalizes) against training steps, redrawn
-    in place.
-
-    Feed it the training loop's records: ``trainer.fit(callback=dashboard.log)``. Train records
-    draw lines; test records (``split == "test"``) draw markers.
-    """
-
-    PANELS = (("loss", "loss", False), ("acc", "accuracy", False),
-              ("nfe", "function evaluations", False), ("residual", "final rel. residual", True),
-              ("rho", "spectral radius ρ(J)", False), ("jac", "‖J‖²_F / d", False))
-
-    def __init__(self, title: str = "Training", *, min_interval: float = 0.5):
-        fig = Figure(figsize=(13, 6.5))
-        axes = fig.subplots(2, 3, sharex=True)
-        self.axes = dict(zip([p[0] for p in self.PANELS], axes.flat))
-        self.series: dict[str, tuple] = {}
-        for key, label, log in self.PANELS:
-            ax = self.axes[key]
-            ax.set_ylabel(label)
-            ax.grid(True, alpha=0.3)
-            if log:
-                ax.set_yscale("log")
-        for ax in axes[1]:
-            ax.set_xlabel("training step")
-        fig.suptitle(title)
-        self._add("loss", "train", "loss", "-")
-        self._add("loss", "test", "loss", "o")
-        self._add("acc", "train", "acc", "-")
-        self._add("acc", "test", "acc", "o")
-        self._add("nfe", "train", "fwd_nfe", "-", label="forward")
-        self._add("nfe", "train", "bwd_nfe", "-", label="backward")
-        self._add("nfe", "test", "fwd_nfe", "o", label="forward (test)")
-        self._add("residual", "train", "residual", "-")
-        self._add("rho", "test", "spectral_radius", "o", label="mean (test)")
-        self._add("rho", "test", "spectral_radius_max", "^", label="max (test)")
-        self._add("jac", "train", "jac_loss", "-", label="train (JR estimate)")
-        self._add("jac", "test", "jac_frobenius", "o", label="test")
-        self.axes["rho"].axhline(1.0, color="gray", linestyle=":", linewidth=1)
-        for ax in self.axes.values():
-            ax.legend(loc="best", fontsize=8)
-        fig.tight_layout()
-        super().__init__(fig, min_interval=min_interval)
-
-    def _add(self, panel: str, split: str, key: str, style: str, label: Optional[str] = None):
-        line, = self.axes[panel].plot([], [], style, label=label or split, markersize=4,
-                                      alpha=0.5 if (split == "train" and panel in ("loss", "acc")) else 1.0)
-        self.series[f"{panel}/{split}/{key}"] = (line, split, key)
-
-    def log(self, record: dict) -> None:
-        """Add one record of the training log and redraw (throttled)."""
-        if "step" not in record or "split" not in record:
-            return
-        for line, split, key in self.series.values():
-            value = record.get(key)
-            if record["split"] == split and value is not None:
-                line.set_data([*line.get_xdata(), record["step"]], [*line.get_ydata(), value])
-        for ax in self.axes.values():
-            ax.relim()
-            ax.autoscale_view()
-        self.update()
-
-    def points(self, panel: str, split: str, key: str) -> int:
-        """How many points one series holds (for tests and sanity checks)."""
-        return len(self.series[f"{panel}/{split}/{key}"][0].get_xdata())
-
-
-class RunComparison(LiveFigure):
-    """Several training runs side by side, redrawn as they train: one panel per metric, one line
-    per run, one colour per label (runs with the same label, e.g. seeds, share it).
-
-        compare = RunComparison(["no JR", "JR"], {"fwd_nfe": "forward NFE", "acc": "accuracy"})
-        Trainer(config).fit(callback=compare.callback("no JR", run=0))
-
-    ``split`` picks which records are drawn (``"test"``: the evaluations; ``"train"``: every step).
-    """
-
-    def __init__(self, labels: Iterable[str], panels: Mapping[str, str], *, split: str = "test",
-                 title: str = "", min_interval: float = 0.5):
-        self.labels, self.panels, self.split = list(labels), dict(panels), split
-        if not self.panels:
-            raise ValueError("panels is empty: give {record key: axis label}, e.g. {'acc': 'accuracy'}.")
-        fig = Figure(figsize=(4.2 * len(self.panels), 3.6))
-        axes = fig.subplots(1, len(self.panels), squeeze=False)[0]
-        self.axes = dict(zip(self.panels, axes))
-        for (key, label), ax in zip(self.panels.items(), axes):
-            ax.set_ylabel(label)
-            ax.set_xlabel("training step")
-            ax.grid(True, alpha=0.3)
-        for i, label in enumerate(self.labels):             # legend entries, one per label
-            axes[0].plot([], [], color=f"C{i}", label=label)
-        axes[0].legend(loc="best", fontsize=8)
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-        self.lines: dict[tuple, object] = {}
-        super().__init__(fig, min_interval=min_interval)
-
-    def callback(self, label: str, run: int = 0):
-        """A ``fit(callback=...)`` that draws the records of run `run` of `label`."""
-        if label not in self.labels:
-            raise KeyError(f"no run label {label!r}; the figure was made for {self.labels}.")
-        color = f"C{self.labels.index(label)}"
-
-        def log(record: dict) -> None:
-            if record.get("split") != self.split:
-                return
-            for key, ax in self.axes.items():
-                if record.get(key) is None:
-                    continue
-                if (label, run, key) not in self.lines:
-                    self.lines[label, run, key] = ax.plot([], [], color=color, marker=".",
-                                                          alpha=0.8)[0]
-                line = self.lines[label, run, key]
-                line.set_data([*line.get_xdata(), record["step"]], [*line.get_ydata(), record[key]])
-                ax.relim()
-                ax.autoscale_view()
-            self.update()
-
-        return log
-
-
-def follow(log_path, *, poll: float = 2.0, timeout: Optional[float] = None,
-           dashboard: Optional[TrainingDashboard] = None, process=None) -> TrainingDashboard:
-    """Live dashboard of a run that writes its JSONL log elsewhere (a GPU job in a terminal).
-
-    Reads new lines every `poll` seconds and stops when the run writes its ``{"event": "done"}``
-    record, when `process` (a ``subprocess.Popen`` of the run, if you started it) has exited, or
-    after `timeout` seconds. To go on watching, call ``follow(log_path, dashboard=d)`` with the
-    dashboard it returned: it continues after the records already drawn. Safe to interrupt; the
-    dashboard keeps what it has drawn.
-    """
-    from pathlib import Path
-
-    from .train import read_log
-    dashboard = dashboard or TrainingDashboard(title=f"following {log_path}")
-    start = time.perf_counter()
-    seen = getattr(dashboard, "records_followed", 0)
-    try:
-        while True:
-            exited = process is not None and process.poll() is not None   # before the last read
-            records = read_log(log_path) if Path(log_path).exists() else []
-            for record in records[seen:]:
-                dashboard.log(record)
-            seen = dashboard.records_followed = len(records)
-            done = any(r.get("event") == "done" for r in records)
-            if done or exited or (timeout is not None and time.perf_counter() - start >= timeout):
-                break
-            time.sleep(poll)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        dashboard.close()
-    return dashboard
+def plot_diagnosis(diagnosis, fig: Optional[Figure] = None) -> Figure:
+    """A ``deqlite.diagnostics.Diagnosis`` in two panels. Left: the residual traces (every sample
+    faintly, the batch max boldly). Right: J's eigenvalues for sample 0 in the complex plane,
+    with the unit circle |λ| = 1 and the circle of radius ρ(J)."""
+    ensure_figure_display()
+    fig = fig or Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    plot_residuals({diagnosis.stats.solver: diagnosis.stats}, ax1, per_sample=True)
+    ax1.legend(loc="lower left", fontsize=8)
+    ax1.set_title(f"forward solve: {diagnosis.status.split(':')[0].split(' (')[0]}")
+    t = torch.linspace(0, 2 * math.pi, 200)
+    ax2.plot(t.cos(), t.sin(), color="gray", linestyle=":", label="|λ| = 1")
+    eig = diagnosis.eigenvalues.cpu()
+    what = "eigenvalues of J" if diagnosis.exact else f"{len(eig)} Arnoldi estimates"
+    ax2.scatter(eig.real, eig.imag, s=12, label=f"{what} (sample 0)")
+    r = diagnosis.spectral_radius[0].item()
+    ax2.plot(r * t.cos(), r * t.sin(), color="C3", linewidth=1, label=f"ρ(J) = {r:.3f}")
+    ax2.set_aspect("equal")
+    ax2.set_xlabel("Re λ")
+    ax2.set_ylabel("Im λ")
+    ax2.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    ax2.set_title("spectrum of J = ∂f/∂z at the returned z")
+    fig.tight_layout()
+    return fig

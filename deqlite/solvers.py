@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from ._validate import check_options, check_range, check_stop, check_tensor, lookup
-from .stats import EPS, SolverStats
+from .stats import SolverStats, residuals
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 State = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -71,6 +73,24 @@ def unflatten_state(flat: torch.Tensor, spec: Any) -> State:
         return flat.reshape(flat.shape[0], *spec)
     sizes = [math.prod(s) for s in spec]
     return [part.reshape(flat.shape[0], *s) for part, s in zip(flat.split(sizes, dim=1), spec)]
+
+
+def state_tensors(state: State) -> list:
+    """The tensors of a state: ``[state]`` for a tensor, the list itself for a list state."""
+    return [state] if isinstance(state, torch.Tensor) else list(state)
+
+
+def detach_state(state: State) -> State:
+    """The state, detached from autograd's graph (a tensor, or each tensor of a list)."""
+    return state.detach() if isinstance(state, torch.Tensor) else [t.detach() for t in state]
+
+
+def where_state(mask: torch.Tensor, new: State, old: State) -> State:
+    """Per sample (``mask``: (batch,) bool), ``new`` where true and ``old`` elsewhere, for tensors
+    of any shape (batch, ...) or lists of them."""
+    if isinstance(new, torch.Tensor):
+        return torch.where(mask.reshape(-1, *[1] * (new.dim() - 1)), new, old)
+    return [where_state(mask, n, o) for n, o in zip(new, old)]
 
 
 def _is_state(x: Any) -> bool:
@@ -122,8 +142,7 @@ class _Tracker:
                              f"of the same shape as its input.")
         self.nfe += 1
         with torch.no_grad():
-            r_abs = (fz - z).norm(dim=1)
-            r_rel = r_abs / (fz.norm(dim=1) + EPS)
+            r_abs, r_rel = residuals(fz, z)
             crit = r_rel if self.stop == "rel" else r_abs
             best_crit = self.best_rel if self.stop == "rel" else self.best_abs
             better = ~self.frozen & (crit < best_crit)
@@ -318,3 +337,55 @@ def solve(f, z0, *, solver: str = "anderson", **options):
     fn = get_solver(solver)
     check_options(fn, options, f"solver {solver!r}")
     return fn(f, z0, **options)
+
+
+STOPPING = ("tol", "max_iter", "stop", "callback")      # a spec's own fields, not its options
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """One solve's settings, validated once when made (a typo fails at construction, not in the
+    middle of training) and frozen: change one with ``dataclasses.replace(spec, tol=1e-6)``.
+
+        spec = SolverSpec("anderson", tol=1e-4, max_iter=50, options={"m": 6})
+        z_star, stats = spec(f, z0)
+
+    Attributes: ``name`` (a key of ``SOLVERS``), ``tol``, ``max_iter``, ``stop`` (see the module
+    docstring) and ``options``, the solver's own keyword options (read-only).
+    """
+    name: str = "anderson"
+    tol: float = 1e-4
+    max_iter: int = 50
+    stop: str = "rel"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.options, Mapping):
+            raise TypeError(f"a solver's options must be a dict such as {{'m': 6}}, got "
+                            f"{type(self.options).__name__}.")
+        for key in STOPPING:
+            if key in self.options:
+                raise TypeError(f"pass {key!r} as its own argument (DEQ(..., {key}=...)), not "
+                                f"inside the solver's options.")
+        check_options(self.fn, self.options, f"solver {self.name!r}")
+        check_range(self.tol, "tol", low=0)
+        check_range(self.max_iter, "max_iter", low=1, integer=True)
+        check_stop(self.stop)
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    def __reduce__(self):              # copy.deepcopy and pickle (a mappingproxy cannot be pickled)
+        return SolverSpec, (self.name, self.tol, self.max_iter, self.stop, dict(self.options))
+
+    @property
+    def fn(self) -> Callable:
+        """The solver function (``SOLVERS[name]``)."""
+        return get_solver(self.name)
+
+    def __call__(self, f, z0, *, callback: Optional[Callback] = None):
+        """``(z_star, stats)`` of the solve of z = f(z) from z0 with these settings."""
+        return self.fn(f, z0, tol=self.tol, max_iter=self.max_iter, stop=self.stop,
+                       callback=callback, **self.options)
+
+    def __repr__(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"{self.name}(tol={self.tol:g}, max_iter={self.max_iter}, stop={self.stop!r}{options})"

@@ -1,4 +1,8 @@
-"""DEQ: the IFT gradient against long unrolled autograd and gradcheck (float64), stats, errors."""
+"""DEQ: the IFT gradient against long unrolled autograd and gradcheck (float64), stats, errors,
+the knobs of options(), solver specs, looking inside a model."""
+import copy
+import dataclasses
+import pickle
 import warnings
 
 import pytest
@@ -6,7 +10,8 @@ import torch
 from conftest import DT
 from torch import nn
 
-from deqlite import DEQ, SOLVERS, DEQConvergenceError, DEQConvergenceWarning, MLPCell
+from deqlite import DEQ, SOLVERS, DEQConvergenceError, DEQConvergenceWarning, MLPCell, SolverSpec
+from deqlite.deq import equilibrium, find_deq
 
 NAMES = list(SOLVERS)
 
@@ -143,7 +148,7 @@ def test_bad_inputs_and_options():
         DEQ(cell, solver_options={"bta": 0.5})
     with pytest.raises(TypeError, match="unknown option 'm'"):
         DEQ(cell, backward_solver="broyden", backward_solver_options={"m": 3})
-    with pytest.raises(TypeError, match="pass 'tol' as DEQ's own argument"):
+    with pytest.raises(TypeError, match="pass 'tol' as its own argument"):
         DEQ(cell, solver_options={"tol": 1e-3})
     with pytest.raises(ValueError, match="unknown on_fail value"):
         DEQ(cell, on_fail="silent")
@@ -167,8 +172,8 @@ def test_pretraining_unrolls_the_cell_exactly_k_times():
     cell = small_cell()
     deq = DEQ(cell, tol=1e-10)
     x = torch.randn(3, 5, dtype=DT, requires_grad=True)
-    deq.pretrain_steps = 4
-    z = deq(x)
+    with deq.options(pretrain_steps=4):
+        z = deq(x)
     assert deq.forward_stats is None and z.requires_grad
     inj = cell.inject(x)
     ref = torch.zeros_like(inj)
@@ -177,8 +182,7 @@ def test_pretraining_unrolls_the_cell_exactly_k_times():
     assert torch.allclose(z, ref)
     g, r = torch.autograd.grad(loss_fn(z), x)[0], torch.autograd.grad(loss_fn(ref), x)[0]
     assert torch.allclose(g, r)
-    deq.pretrain_steps = 0
-    deq(x)
+    deq(x)                                                   # outside the block: a solve again
     assert deq.forward_stats.nfe > 4 and deq.forward_stats.all_converged
 
 
@@ -218,6 +222,72 @@ def test_list_state_deq_ift_gradient_matches_unrolled():
         grads[rule] = torch.autograd.grad(loss, [x, cell.A.weight])
     for a, b in zip(grads["ift"], grads["unrolled"]):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
-    deq.jac_probes = 2
-    deq(x)
+    with deq.options(jac_probes=2):
+        deq(x)
     assert deq.jac_loss is not None and deq.jac_loss.requires_grad
+
+
+def test_options_set_the_knobs_for_a_block_and_restore_them_even_after_an_error():
+    deq = DEQ(small_cell(), tol=1e-8)
+    x = torch.randn(2, 5, dtype=DT, requires_grad=True)
+    with deq.options(pretrain_steps=3, jac_probes=1, jac_probe_kind="rademacher") as same:
+        assert same is deq and (deq.pretrain_steps, deq.jac_probes) == (3, 1)
+        deq(x)
+        assert deq.jac_loss is not None and deq.forward_stats is None
+    assert (deq.pretrain_steps, deq.jac_probes, deq.jac_probe_kind) == (0, 0, "gaussian")
+    with pytest.raises(RuntimeError, match="boom"):
+        with deq.options(pretrain_steps=2):
+            raise RuntimeError("boom")
+    assert deq.pretrain_steps == 0
+    deq(x)
+    assert deq.jac_loss is None and deq.forward_stats.all_converged
+
+
+def test_options_are_validated_and_the_knobs_are_not_set_from_outside():
+    deq = DEQ(small_cell())
+    with pytest.raises(TypeError, match="unknown option 'jac_probe'.*Did you mean 'jac_probes'"):
+        with deq.options(jac_probe=1):
+            pass
+    with pytest.raises(ValueError, match="pretrain_steps must lie in"):
+        with deq.options(pretrain_steps=-1):
+            pass
+    with pytest.raises(ValueError, match="unknown probe kind 'gauss'"):
+        with deq.options(jac_probe_kind="gauss"):
+            pass
+    with pytest.raises(AttributeError, match=r"with deq.options\(jac_probes=2\)"):
+        deq.jac_probes = 2
+    assert deq.jac_probes == 0
+
+
+def test_solver_specs_are_validated_frozen_and_replaceable():
+    spec = SolverSpec("anderson", tol=1e-6, max_iter=20, options={"m": 3})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.tol = 1e-3
+    with pytest.raises(TypeError):
+        spec.options["m"] = 4                                  # read-only
+    tighter = dataclasses.replace(spec, tol=1e-9)
+    assert tighter.tol == 1e-9 and tighter.options == {"m": 3} and spec.tol == 1e-6
+    with pytest.raises(ValueError, match="tol must lie in"):
+        dataclasses.replace(spec, tol=-1.0)
+    with pytest.raises(TypeError, match="unknown option 'mm'.*Did you mean 'm'"):
+        SolverSpec("anderson", options={"mm": 3})
+    W = torch.eye(4, dtype=DT) * 0.5
+    z, stats = spec(lambda z: z @ W.T + 1, torch.zeros(2, 4, dtype=DT))
+    assert torch.allclose(z, torch.full((2, 4), 2.0, dtype=DT)) and stats.solver == "anderson"
+    assert copy.deepcopy(spec) == spec == pickle.loads(pickle.dumps(spec))
+    deq = DEQ(small_cell(), solver="broyden", tol=1e-5, backward_solver="forward_iteration")
+    twin = copy.deepcopy(deq)                                  # notebooks copy whole models
+    assert twin.forward_solver == deq.forward_solver and twin.gradient.solver == deq.backward_solver
+    assert deq.forward_solver == SolverSpec("broyden", tol=1e-5)
+    assert deq.backward_solver.name == "forward_iteration" and deq.backward_solver.tol == 1e-5
+    assert "broyden(tol=1e-05" in repr(deq)
+
+
+def test_equilibrium_finds_the_deq_inside_a_model_and_its_map():
+    model = nn.Sequential(nn.Linear(3, 5).double(), DEQ(small_cell(), tol=1e-12, max_iter=300))
+    x = torch.randn(4, 3, dtype=DT)
+    deq, f, z = equilibrium(model, x)
+    assert deq is find_deq(model) is model[1]
+    assert z.shape == (4, 8) and torch.allclose(f(z), z, atol=1e-10)
+    with pytest.raises(ValueError, match="holds 2 DEQ modules"):
+        find_deq(nn.Sequential(model, DEQ(small_cell())))

@@ -7,7 +7,8 @@ import torch
 from matplotlib.figure import Figure
 
 from deqlite import DEQ, MLPCell
-from deqlite.diagnostics import diagnose, find_deq
+from deqlite.deq import find_deq
+from deqlite.diagnostics import diagnose
 from deqlite.jacobian import (exact_jacobian, exact_spectral_radius, frobenius_sq,
                               hutchinson_frobenius, random_probes, ritz_values, spectral_radius)
 from deqlite.models import DEQClassifier
@@ -202,9 +203,9 @@ def test_deq_jac_loss_is_the_estimate_at_z_star_and_trains_the_cell(backward):
     cell, _, _ = tanh_cell_map(d=10, batch=3, scale=0.8)
     deq = DEQ(cell, tol=1e-12, max_iter=200, backward=backward)
     x = torch.randn(3, 5, dtype=DT)
-    deq.jac_probes = 3
     torch.manual_seed(7)
-    z_star = deq(x)
+    with deq.options(jac_probes=3):
+        z_star = deq(x)
     assert deq.jac_loss is not None and deq.jac_loss.requires_grad
     torch.manual_seed(7)                                           # the same probes again
     probes = torch.randn(3, *z_star.shape, dtype=DT)
@@ -221,27 +222,27 @@ def test_deq_jac_loss_only_when_asked_and_when_training():
     x = torch.randn(2, 5, dtype=DT)
     deq(x)
     assert deq.jac_loss is None
-    deq.jac_probes = 1
-    with torch.no_grad():
-        deq(x)
-    assert deq.jac_loss is None
-    deq.pretrain_steps = 3
-    deq(x)
-    assert deq.jac_loss is not None                                # warm-up is regularized too
-    deq.jac_probes = -1
+    with deq.options(jac_probes=1):
+        with torch.no_grad():
+            deq(x)
+        assert deq.jac_loss is None
+        with deq.options(pretrain_steps=3):
+            deq(x)
+        assert deq.jac_loss is not None                            # warm-up is regularized too
     with pytest.raises(ValueError, match="jac_probes"):
-        deq(x)
+        with deq.options(jac_probes=-1):
+            pass
 
 
 def test_jr_lowers_the_jacobian_norm_when_trained_on():
     cell, _, _ = tanh_cell_map(d=16, batch=8, scale=1.0)
     deq = DEQ(cell, tol=1e-8, max_iter=100)
-    deq.jac_probes = 2
     x = torch.randn(8, 5, dtype=DT)
     opt = torch.optim.SGD(cell.parameters(), lr=0.5)
     before = frobenius_sq(lambda z: cell(z, cell.inject(x)), deq(x).detach()).mean()
     for _ in range(30):
-        deq(x)
+        with deq.options(jac_probes=2):
+            deq(x)
         opt.zero_grad()
         deq.jac_loss.backward()
         opt.step()
@@ -264,9 +265,9 @@ def test_diagnose_a_healthy_and_a_repelling_model():
     torch.manual_seed(0)
     wild = DEQClassifier(channels=4, hidden=32, weight_scale=4.0,
                          deq=dict(solver="forward_iteration", tol=1e-5, max_iter=40))
-    wild.deq.pretrain_steps = 2
-    report = diagnose(wild, images)
-    assert wild.deq.pretrain_steps == 2                            # restored afterwards
+    with wild.deq.options(pretrain_steps=2):
+        report = diagnose(wild, images)                            # solves, not unrolls
+        assert wild.deq.pretrain_steps == 2                        # restored afterwards
     assert not report.stats.all_converged and (report.spectral_radius >= 1).any()
     text = str(report)
     assert "≥ 1" in text and "Jacobian regularization" in text and "damping" in text

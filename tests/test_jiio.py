@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from deqlite import DEQ, MLPCell
-from deqlite.jiio import Box, L2Ball, attach, jiio, nested, objective_at
+from deqlite.jiio import JIIOResult, attach, jiio, nested, objective_at
+from deqlite.projections import Box, L2Ball
 from deqlite.models import DEQDecoder
 
 DT = torch.float64
@@ -53,7 +54,7 @@ def test_jiio_meets_the_kkt_conditions_and_the_lbfgs_optimum(solver, step):
     (rhs,) = torch.autograd.grad((f_z * result.adjoint).sum() + loss(z_in, result.x).sum(), z_in)
     torch.testing.assert_close(rhs, result.adjoint, atol=1e-7, rtol=1e-7)
     # The optimum L-BFGS reaches through exact solves and exact gradients (nested):
-    x_ref, _, _ = nested(deq, x0, loss, lr=1.0, steps=60, optimizer="lbfgs")
+    x_ref = nested(deq, x0, loss, lr=1.0, steps=60, optimizer="lbfgs").x
     torch.testing.assert_close(objective_at(deq, result.x, loss), objective_at(deq, x_ref, loss),
                                rtol=1e-9, atol=0)
     torch.testing.assert_close(result.x, x_ref, atol=1e-5, rtol=0)
@@ -103,36 +104,14 @@ def test_projections_keep_every_iterate_feasible_and_reach_the_constrained_optim
     assert projection.violation(x_free).min() > 1e-3        # the constraint is active
     # Reference: many projected gradient steps through exact solves (once per constraint set).
     if id(projection) not in REFERENCE:
-        x_ref, _, _ = nested(deq, x0, loss, lr=0.05, steps=150, optimizer="sgd",
-                             projection=projection)
+        x_ref = nested(deq, x0, loss, lr=0.05, steps=150, optimizer="sgd",
+                       projection=projection).x
         REFERENCE[id(projection)] = objective_at(deq, x_ref, loss)
     torch.testing.assert_close(objective_at(deq, result.x, loss), REFERENCE[id(projection)],
                                rtol=1e-6, atol=0)
 
 
 REFERENCE = {}
-
-
-def test_projections_are_projections():
-    torch.manual_seed(0)
-    x = 3 * torch.randn(5, 7, dtype=DT)
-    center = torch.randn(5, 7, dtype=DT)
-    for p in (Box(-1, 0.5), Box(torch.zeros(7, dtype=DT), torch.ones(7, dtype=DT)), L2Ball(1.5),
-              L2Ball(torch.rand(5, dtype=DT), center=center)):
-        px = p(x)
-        torch.testing.assert_close(p(px), px)                # idempotent
-        assert p.violation(px).max() <= 1e-12
-        for _ in range(50):                                   # no feasible point is nearer
-            q = p(3 * torch.randn(5, 7, dtype=DT))
-            assert ((x - px).norm(dim=1) <= (x - q).norm(dim=1) + 1e-12).all()
-    inside = 0.1 * torch.randn(5, 7, dtype=DT)
-    torch.testing.assert_close(L2Ball(5.0)(inside), inside)
-    with pytest.raises(ValueError, match="low < high"):
-        Box(1, 0)
-    with pytest.raises(ValueError, match="one radius"):
-        L2Ball(torch.ones(2, 2))
-    with pytest.raises(ValueError, match="center has shape"):
-        L2Ball(1.0, center=torch.zeros(5, 3))(x)
 
 
 class CountingCell(MLPCell):
@@ -168,7 +147,9 @@ def test_counters_count_exactly():
     assert result.stats.vjps == cell.backwards == 17
     assert result.stats.evaluations_at.tolist() == [2 * k for k in range(1, 18)]
     cell.forwards = cell.backwards = 0
-    _, _, stats = nested(deq, x0, loss, lr=0.05, steps=5, optimizer="adam")
+    result = nested(deq, x0, loss, lr=0.05, steps=5, optimizer="adam")
+    assert isinstance(result, JIIOResult) and result.adjoint is None
+    stats = result.stats
     assert stats.f_evals == cell.forwards and stats.vjps == cell.backwards
     assert stats.f_evals > 5 and stats.vjps > 5
 
@@ -205,7 +186,7 @@ def test_jiio_beats_nested_adam_in_evaluations_on_a_decoder_inpainting_problem()
     mask[..., 2:4, 2:4] = 0
     loss = decoder.objective(images, mask=mask, prior=1e-3)
     x0 = torch.zeros(4, 6, dtype=DT)
-    x_ref, _, _ = nested(decoder.deq, x0, loss, lr=1.0, steps=80, optimizer="lbfgs")
+    x_ref = nested(decoder.deq, x0, loss, lr=1.0, steps=80, optimizer="lbfgs").x
     optimum = objective_at(decoder.deq, x_ref, loss).sum()
 
     def evaluations_to_1_percent(stats):
@@ -216,7 +197,7 @@ def test_jiio_beats_nested_adam_in_evaluations_on_a_decoder_inpainting_problem()
     joint = jiio(decoder.deq, x0, loss, step_size=1.0, max_iter=400, tol=1e-6, grad_tol=1e-6,
                  record_every=5)
     best_nested = min(evaluations_to_1_percent(nested(decoder.deq, x0, loss, lr=lr, steps=200,
-                                                      optimizer="adam", record_every=5)[2])
+                                                      optimizer="adam", record_every=5).stats)
                       for lr in (0.03, 0.1, 0.3))
     assert evaluations_to_1_percent(joint.stats) * 5 <= best_nested
 
@@ -243,6 +224,8 @@ def test_attach_gives_the_decoder_gradient_at_the_optimum_with_a_warm_adjoint():
     expected = torch.autograd.grad(loss(z_unrolled, result.x).mean(), list(decoder.parameters()))
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, atol=1e-8, rtol=1e-6)
+    with pytest.raises(ValueError, match="a nested\\(\\) result has none"):
+        attach(decoder.deq, nested(decoder.deq, result.x, loss, lr=0.1, steps=1))
 
 
 def test_the_safeguard_keeps_joint_anderson_from_stalling():

@@ -1,17 +1,16 @@
-"""TransformerCell and the language models: causality, the IFT gradient, variational dropout, the
-losses, generation, option checks, memory, presets. Tiny sizes, float64 where numbers are
-compared."""
+"""The language models (deqlite.models.language): causality, the IFT gradient, variational
+dropout, the losses, generation, option checks, memory, presets. Tiny sizes, float64 where
+numbers are compared."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from deqlite.configs import load_preset
 from deqlite.memory import saved_tensor_bytes
 from deqlite.models import MODELS, build_model, count_parameters
-from deqlite.train import TrainConfig
-from deqlite.transformer import AdaptiveInput, DEQTransformerLM, TransformerCell, TransformerLM
+from deqlite.models.language import AdaptiveInput, DEQTransformerLM, TransformerLM
+from deqlite.train import TrainConfig, load_preset
 
 DT = torch.float64
 V, T = 13, 10
@@ -48,16 +47,6 @@ def with_new_future(x, t, seed=1):
 def test_registered_and_shapes():
     assert MODELS["deq_transformer_lm"] is DEQTransformerLM
     assert MODELS["transformer_lm"] is TransformerLM
-    cell = TransformerCell(16, 4, 32).eval()
-    injection = cell.inject(torch.randn(2, 5, 16))
-    assert len(injection) == 1 and injection[0].shape == (2, 5, 16)
-    z0 = cell.init_state(injection)
-    assert torch.equal(z0, torch.zeros(2, 5, 16))
-    assert cell(torch.randn_like(z0), injection).shape == (2, 5, 16)
-    with pytest.raises(ValueError, match="expects embedded tokens"):
-        cell.inject(torch.randn(2, 5, 8))
-    with pytest.raises(ValueError, match="must match"):
-        cell(torch.randn(2, 4, 16), injection)
     model = tiny().eval()
     with torch.no_grad():
         assert model(tokens(3, 7)).shape == (3, 7, V)
@@ -117,13 +106,12 @@ def test_unrolled_warm_up_equals_the_explicit_model_with_tied_layers():
     """pretrain_steps = k applies the cell k times from z0 = 0: the explicit model whose k layers
     all carry the cell's weights."""
     deq = tiny().eval()
-    deq.deq.pretrain_steps = 3
     explicit = tiny("transformer_lm", n_layers=3).eval()
     state = {k: v for k, v in deq.state_dict().items() if not k.startswith(("cell.", "deq."))}
     for i in range(3):
         state.update({f"layers.{i}.{k}": v for k, v in deq.cell.state_dict().items()})
     explicit.load_state_dict(state)
-    with torch.no_grad():
+    with torch.no_grad(), deq.deq.options(pretrain_steps=3):
         assert torch.allclose(deq(tokens()), explicit(tokens()), atol=1e-12)
 
 
@@ -241,8 +229,8 @@ def test_jacobian_regularizer_runs_through_attention():
     """The regularizer differentiates a vector–Jacobian product: the attention must have a second
     derivative (the fused kernels do not)."""
     model = tiny(deq=dict(max_iter=40, tol=1e-4, on_fail="raise")).to(torch.float32)
-    model.deq.jac_probes = 1
-    loss = model.loss(tokens(), tokens(seed=2))
+    with model.deq.options(jac_probes=1):
+        loss = model.loss(tokens(), tokens(seed=2))
     assert model.deq.jac_loss is not None and torch.isfinite(model.deq.jac_loss)
     (loss + model.deq.jac_loss).backward()
     assert torch.isfinite(model.cell.attention.in_proj_weight.grad).all()

@@ -1,4 +1,4 @@
-"""Task models built from the pieces: a stem, a DEQ, a head.
+"""Image models built from the pieces: a stem, a DEQ, a head.
 
     image ──stem──▶ features x ──DEQ: z* = f(z*, x)──▶ z* ──head──▶ class scores
 
@@ -29,9 +29,9 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ._validate import check_options, check_positive_ints, check_range, lookup
-from .cells import ConvCell, MLPCell, MultiscaleCell
-from .deq import DEQ
+from .._validate import check_int_list, check_positive_ints, check_range
+from ..cells import ConvCell, MLPCell, MultiscaleCell
+from ..deq import DEQ
 
 
 def conv_stem(in_channels: int, channels: int) -> nn.Sequential:
@@ -66,7 +66,7 @@ class DEQClassifier(nn.Module):
         self.stem = conv_stem(in_channels, channels)
         self.cell = MLPCell(_stem_features(in_channels, image_size, channels), hidden,
                             weight_scale=weight_scale)
-        self.deq = _deq(self.cell, deq)
+        self.deq = DEQ.from_options(self.cell, deq)
         self.head = nn.Linear(hidden, n_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ class DEQDecoder(nn.Module):
         check_positive_ints(latent=latent, hidden=hidden, image_size=image_size, channels=channels)
         self.latent, self.image_shape = latent, (channels, image_size, image_size)
         self.cell = MLPCell(latent, hidden, weight_scale=weight_scale)
-        self.deq = _deq(self.cell, deq)
+        self.deq = DEQ.from_options(self.cell, deq)
         self.head = nn.Linear(hidden, channels * image_size * image_size)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -135,13 +135,6 @@ class ExplicitClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(self.stem(images)))
-
-
-def _deq(cell: nn.Module, options: Optional[Mapping[str, Any]]) -> DEQ:
-    """``DEQ(cell, **options)``, an unknown option reported with the valid ones."""
-    options = dict(options or {})
-    check_options(DEQ.__init__, options, "deq")
-    return DEQ(cell, **options)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -210,14 +203,6 @@ class MultiscaleHead(nn.Module):
         return self.final(y).mean((2, 3))
 
 
-def _positive_int_list(values: Sequence[int], name: str) -> list:
-    if isinstance(values, int) or not isinstance(values, (list, tuple)) or not values:
-        raise TypeError(f"{name} must be a non-empty list of integers, got {values!r}.")
-    for i, v in enumerate(values):
-        check_range(v, f"{name}[{i}]", low=1, integer=True)
-    return list(values)
-
-
 class ConvDEQClassifier(nn.Module):
     """Stem → DEQ over one ``ConvCell`` → global average pool → linear.
 
@@ -240,7 +225,7 @@ class ConvDEQClassifier(nn.Module):
         self.stem = image_stem(in_channels, channels, downsample=downsample, groups=groups)
         self.cell = ConvCell(channels, channels, expansion=expansion, groups=groups,
                              dropout=dropout, weight_norm=weight_norm)
-        self.deq = _deq(self.cell, deq)
+        self.deq = DEQ.from_options(self.cell, deq)
         self.head = nn.Linear(channels, n_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -275,36 +260,17 @@ class MDEQClassifier(nn.Module):
         check_positive_ints(in_channels=in_channels, image_size=image_size,
                             n_classes=n_classes, final_channels=final_channels)
         check_range(downsample, "downsample", low=0, integer=True)
-        channels = _positive_int_list(channels, "channels")
-        head_channels = _positive_int_list(head_channels, "head_channels")
+        channels = check_int_list(channels, "channels")
+        head_channels = check_int_list(head_channels, "head_channels")
         if len(head_channels) != len(channels):
             raise ValueError(f"head_channels needs one width per branch: channels has "
                              f"{len(channels)} entries, head_channels {len(head_channels)}.")
         self.stem = image_stem(in_channels, channels[0], downsample=downsample, groups=groups)
         self.cell = MultiscaleCell(channels[0], channels, expansion=expansion, groups=groups,
                                    dropout=dropout, weight_norm=weight_norm)
-        self.deq = _deq(self.cell, deq)
+        self.deq = DEQ.from_options(self.cell, deq)
         self.head = MultiscaleHead(channels, head_channels, final_channels, groups=groups)
         self.classifier = nn.Linear(final_channels, n_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.head(self.deq(self.stem(images))))
-
-
-MODELS = {"deq_classifier": DEQClassifier, "explicit_classifier": ExplicitClassifier,
-          "conv_deq_classifier": ConvDEQClassifier, "mdeq_classifier": MDEQClassifier}
-
-
-def build_model(name: str, **options) -> nn.Module:
-    """``MODELS[name](**options)``, with an unknown option reported by name."""
-    cls = lookup(MODELS, name, "model")
-    check_options(cls.__init__, options, f"model {name!r}")
-    return cls(**options)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-from .transformer import DEQTransformerLM, TransformerLM  # noqa: E402  (the language models)
-MODELS.update(deq_transformer_lm=DEQTransformerLM, transformer_lm=TransformerLM)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from deqlite import checks, classroom
+from deqlite.classroom import checks
+from deqlite.classroom import student as classroom
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = classroom.solution_notebooks()

@@ -8,7 +8,7 @@ import copy
 import importlib
 import pkgutil
 
-from .._validate import lookup
+from ..._validate import lookup
 
 PRESETS = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 

@@ -7,20 +7,22 @@ import zipfile
 import pytest
 import torch
 
-from deqlite import data, text
-from deqlite.text import EOS, UNK_CHAR, UNK_WORD, StreamBatches, eval_windows
+from deqlite import data
+from deqlite.data import text
+from deqlite.data.__main__ import main as data_main
+from deqlite.data.text import EOS, UNK_CHAR, UNK_WORD
 
 
 # --- the standard-library corpus -----------------------------------------------------------------
 
 def test_stdlib_corpus_is_real_text_in_three_disjoint_splits():
     files = text.stdlib_files()
-    names = {split: {n for n, _, s in files if s == split} for split in text.SPLITS}
+    names = {split: {n for n, _, s in files if s == split} for split in text.TEXT_SPLITS}
     assert all(names.values()), "every split has files"
     assert not (names["train"] & names["valid"] or names["train"] & names["test"]
                 or names["valid"] & names["test"])
     assert len({n for n, _, _ in files}) == len(files)                 # no file read twice
-    streams = {s: data.load_dataset("stdlib_chars", s) for s in text.SPLITS}
+    streams = {s: data.load_dataset("stdlib_chars", s) for s in text.TEXT_SPLITS}
     total = sum(len(t) for _, t, _ in files)
     assert sum(len(st) for st in streams.values()) == total > 1_000_000
     assert 60 < streams["train"].vocab_size < 200 and streams["train"].level == "char"
@@ -45,7 +47,7 @@ def test_stdlib_corpus_is_deterministic_and_its_unigram_baseline_is_its_entropy(
     entropy = -sum(c / n * math.log2(c / n) for c in counts.values())
     assert train.unigram_bits() == pytest.approx(entropy) and 3.5 < entropy < 6
     assert first.unigram_bits() == train.unigram_bits()                 # the train split's, always
-    assert text.split_of("json.py") == text.split_of("json.py") in text.SPLITS
+    assert text.split_of("json.py") == text.split_of("json.py") in text.TEXT_SPLITS
 
 
 def test_char_encode_decode_round_trip():
@@ -148,7 +150,7 @@ def test_download_unpacks_the_archive_into_place(tmp_path, monkeypatch, capsys):
     missing = (tmp_path / "nothing-here.zip").as_uri()
     monkeypatch.setitem(text.WIKITEXT, "wikitext2", ("wikitext-2", [missing, archive.as_uri()]))
     root = tmp_path / "data"
-    data.main(["download", "wikitext2", "--root", str(root)])
+    data_main(["download", "wikitext2", "--root", str(root)])
     out = capsys.readouterr().out
     assert "wikitext2 valid: 11 tokens" in out and "wikitext2 train" in out
     assert sorted(p.name for p in root.iterdir()) == ["wikitext-2"]     # no archive or .part left
@@ -160,46 +162,3 @@ def test_download_unpacks_the_archive_into_place(tmp_path, monkeypatch, capsys):
 
 # --- batches ---------------------------------------------------------------------------------------
 
-def test_stream_batches_are_shifted_windows_that_cover_the_stream():
-    tokens = torch.arange(1000)
-    batches = StreamBatches(tokens, 4, 10)                 # rows of L = 249 tokens, 24 windows
-    assert batches.steps_per_epoch == 24
-    epoch, x, y = batches(0)
-    assert epoch == 0 and x.shape == y.shape == (4, 10) and x.dtype == torch.long
-    assert torch.equal(y, x + 1)                           # targets: the next token
-    assert x[:, 0].tolist() == [0, 249, 498, 747]          # contiguous rows
-    rows = torch.cat([batches(k)[1] for k in range(24)], dim=1)
-    assert torch.equal(rows, torch.arange(4 * 249).view(4, 249)[:, :240])
-    again = StreamBatches(tokens, 4, 10)                   # a resumed run: step k is the same batch
-    for k in (5, 24 + 5, 3 * 24 + 23):
-        assert all(torch.equal(a, b) for a, b in zip(batches(k)[1:], again(k)[1:]))
-    assert batches(24 + 5)[0] == 1 and torch.equal(batches(24 + 5)[1], batches(5)[1])
-
-
-def test_evaluation_windows_score_every_token_once():
-    tokens = torch.arange(1, 1002)                          # N = 1001: L = 250 per row
-    targets = torch.cat([y.flatten() for _, y in eval_windows(tokens, 4, 16)])
-    assert sorted(targets.tolist()) == list(range(2, 1002))
-    shapes = [x.shape for x, _ in eval_windows(tokens, 4, 16)]
-    assert shapes[0] == (4, 16) and shapes[-1] == (4, 250 - 15 * 16) and len(shapes) == 16
-    assert all(torch.equal(y, x + 1) for x, y in eval_windows(tokens, 4, 16))
-
-
-def test_processes_take_disjoint_contiguous_rows():
-    tokens = torch.randint(0, 50, (2001,), generator=torch.Generator().manual_seed(0))
-    whole = StreamBatches(tokens, 6, 8)
-    parts = [StreamBatches(tokens, 6, 8, rank=r, world_size=3) for r in range(3)]
-    for k in (0, 7, 100):
-        assert parts[0](k)[1].shape == (2, 8)
-        assert torch.equal(torch.cat([p(k)[1] for p in parts]), whole(k)[1])
-        assert torch.equal(torch.cat([p(k)[2] for p in parts]), whole(k)[2])
-    eval_parts = [list(eval_windows(tokens, 6, 8, rank=r, world_size=3)) for r in range(3)]
-    for windows, alone in zip(zip(*eval_parts), eval_windows(tokens, 6, 8)):   # the same windows
-        assert torch.equal(torch.cat([x for x, _ in windows]), alone[0])
-        assert torch.equal(torch.cat([y for _, y in windows]), alone[1])
-    n_windows = [len(list(eval_windows(tokens, 2, 8, rank=r, world_size=3))) for r in range(3)]
-    assert n_windows == [125, 125, 0]                     # 3 processes, 2 rows: one has none
-    with pytest.raises(ValueError, match="divisible by the number of processes"):
-        StreamBatches(tokens, 5, 8, world_size=2)
-    with pytest.raises(ValueError, match="shorter than seq_len = 500"):
-        StreamBatches(tokens, 6, 500)

@@ -1,4 +1,5 @@
-"""Gradient rules beside IFT (float64): JFB, phantom gradients and the truncated Neumann series.
+"""The gradient rules (deqlite.gradients, float64): IFT against a long unroll, JFB, phantom
+gradients and the truncated Neumann series against formulas by hand; the registry and its errors.
 
 The references are computed independently of deqlite's hooks: autograd through a long explicit
 unroll, and closed forms built from the exact per-sample Jacobian J = diag(1 − f²) W of the
@@ -8,9 +9,11 @@ import pytest
 import torch
 from conftest import DT
 
-from deqlite import DEQ, MLPCell
+from deqlite import BACKWARDS, DEQ, MLPCell
 from deqlite.cells import ConvCell
+from deqlite.gradients import IFT, Phantom, make_rule, neumann_series
 from deqlite.models import build_model
+from deqlite.solvers import SolverSpec
 
 SHORTCUTS = [("jfb", None), ("phantom", {"k": 3, "tau": 0.6}), ("neumann", {"k": 3})]
 ALL_RULES = [("ift", None), ("unrolled", None), *SHORTCUTS]
@@ -198,7 +201,7 @@ def test_defaults_and_bad_options_fail_with_helpful_messages():
         DEQ(cell, backward="phantm")
     with pytest.raises(TypeError, match="unknown option 'kk'.*Did you mean 'k'.*Valid options: k, tau"):
         DEQ(cell, backward="phantom", backward_options={"kk": 5})
-    with pytest.raises(TypeError, match="'neumann' got an unknown option 'tau'.*Valid options: k"):
+    with pytest.raises(TypeError, match="backward 'neumann' got an unknown option 'tau'.*Valid options: k"):
         DEQ(cell, backward="neumann", backward_options={"tau": 0.5})
     with pytest.raises(TypeError, match="'ift' takes no backward_options.*backward_solver"):
         DEQ(cell, backward="ift", backward_options={"k": 5})
@@ -212,3 +215,49 @@ def test_defaults_and_bad_options_fail_with_helpful_messages():
         DEQ(cell, backward="phantom", backward_options={"tau": 1.5})
     with pytest.raises(TypeError, match="backward_options must be a dict"):
         DEQ(cell, backward="neumann", backward_options=[("k", 3)])
+
+
+def test_the_registry_builds_each_rule_with_its_options():
+    spec = SolverSpec("broyden", tol=1e-6)
+    assert set(BACKWARDS) == {"ift", "jfb", "phantom", "neumann", "unrolled"}
+    for name, cls in BACKWARDS.items():
+        rule = make_rule(name, adjoint=spec)
+        assert isinstance(rule, cls) and rule.name == name and rule.stats is None
+    assert make_rule("ift", adjoint=spec).solver is spec
+    assert make_rule("phantom", {"k": 2}, adjoint=spec).options == {"k": 2, "tau": 0.5}
+    assert repr(Phantom(k=3, tau=0.25)) == "Phantom(k=3, tau=0.25)"
+    with pytest.raises(ValueError, match="unknown on_fail value"):
+        IFT(spec, on_fail="quiet")
+
+
+def test_ift_attach_is_public_and_takes_a_warm_start():
+    """IFT.attach on its own: the gradient through z = f(z*) is the adjoint's, and an adjoint0
+    that already solves g = Jᵀ g + ∂ℓ/∂z* is accepted after one evaluation."""
+    cell, x = cell_and_input()
+    z_star, v, fprime, J = exact_pieces(cell, x)
+    deq = DEQ(cell, tol=1e-13, max_iter=300)
+    exact = torch.linalg.solve(torch.eye(8, dtype=DT) - J.transpose(1, 2), v[..., None])[..., 0]
+    for start, most in ((None, 300), (exact, 1)):
+        m = deq.fixed_point_map(x)
+        rule = IFT(SolverSpec("anderson", tol=1e-12, max_iter=300))
+        z = rule.attach(z_star, m.f, adjoint0=start)
+        got = torch.autograd.grad(loss_fn(z), x)[0]
+        assert rel_err(got, grads_from_adjoint(cell, x, z_star, fprime * exact)[:x.numel()]
+                       .reshape(x.shape)) < 1e-9
+        assert rule.stats.all_converged and rule.stats.nfe <= most
+
+
+def test_neumann_series_stats_read_like_forward_iteration_on_the_adjoint():
+    g = torch.Generator().manual_seed(0)
+    J = 0.5 * torch.randn(3, 4, 4, generator=g, dtype=DT) / 4 ** 0.5
+    v = torch.randn(3, 4, generator=g, dtype=DT)
+    vjp = lambda y: torch.einsum("bij,bi->bj", J, y)  # noqa: E731
+    total, stats = neumann_series(vjp, v, 4)
+    terms = [v]
+    for _ in range(3):
+        terms.append(vjp(terms[-1]))
+    assert torch.allclose(total, sum(terms))
+    assert stats.nfe == 4 and stats.tol == 0 and not stats.converged.any()
+    for j, term in enumerate(terms):
+        assert torch.allclose(stats.abs_residuals[j], term.norm(dim=1))
+        assert torch.allclose(stats.rel_residuals[j], term.norm(dim=1) / sum(terms[:j + 1]).norm(dim=1))

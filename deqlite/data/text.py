@@ -1,4 +1,4 @@
-"""Text for language modeling: token streams, their vocabularies, and contiguous batches.
+"""Text for language modeling: token streams, their vocabularies, and the corpora.
 
 A language model reads a long text as one stream of tokens t_0, t_1, ..., t_{N-1} and learns
 p(t_{i+1} | t_0 .. t_i); its loss is the mean negative log-likelihood per token in nats,
@@ -26,17 +26,7 @@ Datasets (each ``fn(split)`` with split "train", "valid" or "test" returns a ``T
                       minute, so the result is also cached beside the files (``CACHE_NAME``).
                       Download: ``python -m deqlite.data download wikitext103`` (or wikitext2).
 
-Batches (``StreamBatches``, the standard scheme for long sequences with a truncated context):
-cut the stream into ``batch_size`` rows of equal length L; row r holds inputs t[rL : (r+1)L]
-and the targets one token later, t[rL+1 : (r+1)L+1]. Step k takes window k mod n_windows of
-every row, columns [wT, (w+1)T) with T = ``seq_len``:
-
-    x = inputs[:, wT:(w+1)T],   y = targets[:, wT:(w+1)T]    (y is x shifted by one token)
-
-so a step is a function of its number alone (a resumed run draws the same batches), and with W
-processes process p takes rows [pB/W, (p+1)B/W) of each window. Every window starts from an empty
-context (no memory is carried between windows). ``eval_windows`` goes through a whole split the
-same way, the last, shorter window included, so every token after the first is scored once.
+Batches: ``deqlite.data.batches.StreamBatches`` cuts a stream into rows and windows.
 """
 from __future__ import annotations
 
@@ -45,6 +35,7 @@ import collections
 import functools
 import math
 import os
+import shutil
 import sysconfig
 import tempfile
 import urllib.request
@@ -53,15 +44,16 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ._files import atomic_save
-from ._validate import check_range, lookup
+from .._files import atomic_save, data_root
+from .._validate import check_range, lookup
 
-SPLITS = ("train", "valid", "test")
+TEXT_SPLITS = ("train", "valid", "test")
 UNK_CHAR = "\ufffd"          # the Unicode replacement character stands for every rare character
 UNK_WORD, EOS = "<unk>", "<eos>"
 
@@ -165,8 +157,8 @@ def _encode_chars(text: str, vocab: tuple) -> np.ndarray:
     return np.where(known, ids, vocab.index(UNK_CHAR)).astype(np.int64)
 
 
-def _check_split(split: str) -> None:
-    lookup(SPLITS, split, "split of a text dataset")
+def _check_text_split(split: str) -> None:
+    lookup(TEXT_SPLITS, split, "split of a text dataset")
 
 
 # --- the offline corpus: Python's standard library -----------------------------------------------
@@ -219,7 +211,7 @@ def _stdlib_vocab(max_chars: int) -> tuple[tuple, torch.Tensor]:
 
 def stdlib_chars(split: str = "train", *, max_chars: int = STDLIB_MAX_CHARS) -> TokenStream:
     """The character corpus of the standard library's source (see the module docstring)."""
-    _check_split(split)
+    _check_text_split(split)
     vocab, train_counts = _stdlib_vocab(max_chars)
     text = "".join(t for _, t, s in stdlib_files(max_chars) if s == split)
     return TokenStream(torch.from_numpy(_encode_chars(text, vocab)), vocab, "char", train_counts,
@@ -239,12 +231,11 @@ CACHE_NAME = "deqlite-tokens-v1.pt"
 
 
 def _wikitext_folder(name: str, root) -> Path:
-    from .data import data_root          # here, not at the top: deqlite.data imports this module
     return data_root(root) / WIKITEXT[name][0]
 
 
 def _token_files(folder: Path) -> dict:
-    return {split: folder / f"wiki.{split}.tokens" for split in SPLITS}
+    return {split: folder / f"wiki.{split}.tokens" for split in TEXT_SPLITS}
 
 
 def _missing_wikitext(name: str, folder: Path) -> FileNotFoundError:
@@ -314,7 +305,7 @@ def _wikitext_tokens(folder: Path, signature: tuple) -> tuple:
     if data is None:
         data = dict(tokenize_wikitext(folder), signature=list(signature))
         _save_cache(data, cache)
-    splits = {s: data[s].long() for s in SPLITS}
+    splits = {s: data[s].long() for s in TEXT_SPLITS}
     counts = torch.bincount(splits["train"], minlength=len(data["vocab"]))
     return tuple(data["vocab"]), splits, counts
 
@@ -332,7 +323,7 @@ def load_wikitext(name: str, split: str = "train", *, root=None,
                   download: bool = False) -> TokenStream:
     """WikiText-103 or WikiText-2 (`name` "wikitext103" / "wikitext2") as word tokens."""
     lookup(WIKITEXT, name, "WikiText dataset")
-    _check_split(split)
+    _check_text_split(split)
     folder = _wikitext_folder(name, root)
     files = _token_files(folder)
     if download and not all(p.exists() for p in files.values()):
@@ -357,7 +348,6 @@ def download_wikitext(name: str, *, root=None, urls: Optional[list] = None) -> P
     """Fetch the archive (a ``.part`` file, renamed when complete), unpack it into a temporary
     folder and rename that into place: an interrupted download leaves no half-written dataset.
     Returns the dataset's folder."""
-    from tqdm.auto import tqdm
     folder_name, default_urls = lookup(WIKITEXT, name, "WikiText dataset")
     folder = _wikitext_folder(name, root)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -386,99 +376,11 @@ def download_wikitext(name: str, *, root=None, urls: Optional[list] = None) -> P
     if not all(p.exists() for p in _token_files(inner).values()):
         raise OSError(f"the archive {archive} has no {folder_name}/wiki.*.tokens files.")
     if folder.exists():                        # an incomplete earlier copy
-        import shutil
         shutil.rmtree(folder)
     os.replace(inner, folder)
     unpacked.rmdir()
     archive.unlink()
     return folder
-
-
-TEXT_DATASETS = {"stdlib_chars": stdlib_chars, "wikitext103": wikitext103, "wikitext2": wikitext2}
-
-
-def is_text(dataset: str) -> bool:
-    """Whether `dataset` names a text dataset (a language-modeling task)."""
-    return dataset in TEXT_DATASETS
-
-
-# --- contiguous batches --------------------------------------------------------------------------
-
-def _rows(tokens: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets), both (rows, L) with L = (N − 1) // rows: row r of the inputs is
-    tokens[rL : (r+1)L], its targets the same one token later."""
-    length = (len(tokens) - 1) // rows
-    if length < 1:
-        raise ValueError(f"{len(tokens)} tokens make no rows of {rows}: lower the batch size.")
-    used = tokens[:rows * length + 1]
-    return used[:-1].view(rows, length), used[1:].view(rows, length)
-
-
-def _check_world(batch_size: int, world_size: int) -> None:
-    if batch_size % world_size:
-        raise ValueError(f"batch_size {batch_size} is the global batch (rows) and must be "
-                         f"divisible by the number of processes, {world_size}; try "
-                         f"{world_size * max(1, round(batch_size / world_size))}.")
-
-
-class StreamBatches:
-    """The training batches of a token stream, for process `rank` of `world_size` (see the module
-    docstring): ``batches(step) -> (epoch, x, y)``, x and y (batch_size / world_size, seq_len)
-    int64 with y the tokens after x; a function of the step alone. An epoch is one pass over
-    the ``steps_per_epoch`` full windows (a row's last L mod seq_len tokens are not trained on)."""
-
-    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, *, rank: int = 0,
-                 world_size: int = 1):
-        check_range(batch_size, "batch_size", low=1, integer=True)
-        check_range(seq_len, "seq_len", low=1, integer=True)
-        _check_world(batch_size, world_size)
-        inputs, targets = _rows(tokens, batch_size)
-        self.steps_per_epoch = inputs.shape[1] // seq_len
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(tokens):,} tokens in {batch_size} rows give rows of "
-                             f"{inputs.shape[1]} tokens, shorter than seq_len = {seq_len}: lower "
-                             f"batch_size or seq_len (or use more of the data).")
-        mine = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
-        self.inputs, self.targets = inputs[mine], targets[mine]
-        self.batch_size, self.seq_len = batch_size, seq_len
-
-    def window(self, k: int) -> slice:
-        """The columns of step k: window k mod steps_per_epoch."""
-        w = k % self.steps_per_epoch
-        return slice(w * self.seq_len, (w + 1) * self.seq_len)
-
-    def __call__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        cols = self.window(step)
-        return (step // self.steps_per_epoch, self.inputs[:, cols].contiguous(),
-                self.targets[:, cols].contiguous())
-
-
-def eval_windows(tokens: torch.Tensor, batch_size: int, seq_len: int, *, rank: int = 0,
-                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) windows through a whole split, for evaluation: the stream in ``batch_size`` rows *in
-    all*, process `rank` taking its contiguous share of them (so the windows, and the score, do
-    not depend on the number of processes), every window in order, the last one shorter if the
-    rows do not divide evenly."""
-    check_range(seq_len, "seq_len", low=1, integer=True)
-    check_range(batch_size, "batch_size", low=1, integer=True)
-    inputs, targets = _rows(tokens, batch_size)
-    mine = torch.arange(batch_size).tensor_split(world_size)[rank]
-    if len(mine) == 0:                                    # more processes than rows
-        return
-    inputs, targets = inputs[mine[0]:mine[-1] + 1], targets[mine[0]:mine[-1] + 1]
-    for start in range(0, inputs.shape[1], seq_len):
-        yield (inputs[:, start:start + seq_len].contiguous(),
-               targets[:, start:start + seq_len].contiguous())
-
-
-def first_windows(tokens: torch.Tensor, n: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n consecutive windows of the stream as a batch (n, seq_len) of inputs and their
-    targets (fewer if the stream is short): fixed examples for diagnostics."""
-    seq_len = min(seq_len, len(tokens) - 1)
-    n = max(1, min(n, (len(tokens) - 1) // seq_len))
-    x = tokens[:n * seq_len].view(n, seq_len)
-    y = tokens[1:n * seq_len + 1].view(n, seq_len)
-    return x, y
 
 
 def bits(nats: float) -> float:

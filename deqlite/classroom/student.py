@@ -10,7 +10,7 @@ such region by
 
 (the function's signature and docstring stay). Until the student writes it, the check that follows
 the exercise says so and hands back deqlite's reference implementation, so the rest of the notebook
-still runs (see ``deqlite.checks``).
+still runs (see ``deqlite.classroom.checks``).
 
     python -m deqlite.classroom student            # (re)write notebooks/student/
     python -m deqlite.classroom student --check    # fail if notebooks/student/ is out of date
@@ -19,12 +19,10 @@ still runs (see ``deqlite.checks``).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOLUTIONS = ROOT / "notebooks"
 STUDENT = SOLUTIONS / "student"
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -81,28 +79,3 @@ def out_of_date(out: Path = STUDENT, folder: Path = SOLUTIONS) -> list[str]:
                 if not (out / name).exists() or (out / name).read_text(encoding="utf-8") != text]
     problems += sorted(p.name for p in out.glob("*.ipynb") if p.name not in wanted)
     return sorted(problems)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deqlite.classroom", description=__doc__.split(
-        "\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    student = sub.add_parser("student", help="write notebooks/student/ from the solution notebooks")
-    student.add_argument("--check", action="store_true",
-                         help="write nothing; exit 1 if notebooks/student/ is out of date")
-    args = parser.parse_args(argv)
-    if args.check:
-        problems = out_of_date()
-        if problems:
-            print("notebooks/student/ is out of date for: " + ", ".join(problems)
-                  + ". Run `make student` and commit the result.", file=sys.stderr)
-            return 1
-        print(f"notebooks/student/ is up to date ({len(solution_notebooks())} notebooks).")
-        return 0
-    for path in write_student():
-        print(f"wrote {path.relative_to(ROOT)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

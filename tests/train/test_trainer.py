@@ -1,23 +1,19 @@
 """Training loop: it learns, logs, checkpoints atomically and resumes to the identical result, for
 images and (with a tiny stand-in language model defined here) for text."""
-import json
 import math
 import socket
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import torchrun_process
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import torchrun_process, write_image_tree
 
-from test_data import cifar_root, write_image_tree  # noqa: F401  (a fixture)
-
-from deqlite import DEQ, spectral_rescale_, train
-from deqlite.configs import PRESETS, load_preset
+from deqlite import DEQ, spectral_rescale_
 from deqlite.models import MODELS
-from deqlite.plots import TrainingDashboard, follow
-from deqlite.train import Trainer, TrainConfig, read_log
+from deqlite.train import PRESETS, Trainer, TrainConfig, deq_hooks, load_preset, read_log
+from deqlite.train import __main__ as cli
 
 
 def tiny_config(tmp_path, **overrides):
@@ -112,7 +108,7 @@ def test_config_errors():
 
 def test_command_line_runs_a_preset_with_overrides(tmp_path, capsys):
     log = tmp_path / "cli.jsonl"
-    train.main(["--config", "mnist", "--set", "dataset=digits", "--set", "epochs=1",
+    cli.main(["--config", "mnist", "--set", "dataset=digits", "--set", "epochs=1",
                 "--set", "model_options.channels=4", "--set", "model_options.hidden=16",
                 "--set", "pretrain_steps=0", "--log", str(log), "--checkpoint", str(tmp_path / "c.pt")])
     out = capsys.readouterr().out
@@ -120,31 +116,7 @@ def test_command_line_runs_a_preset_with_overrides(tmp_path, capsys):
     records = read_log(log)
     assert records[-1]["event"] == "done" and (tmp_path / "c.pt").exists()
     with pytest.raises(SystemExit):
-        train.main(["--config", "mnist", "--set", "epochs"])
-
-
-def test_dashboard_and_follow_draw_the_log(tmp_path):
-    records = [dict(split="train", step=s, loss=1 / s, acc=0.5, fwd_nfe=10, bwd_nfe=8,
-                    residual=1e-4, jac_loss=0.1 if s % 2 else None) for s in range(1, 6)]
-    records.append(dict(split="test", step=5, loss=0.3, acc=0.9, fwd_nfe=9, residual=1e-4,
-                        spectral_radius=0.5, spectral_radius_max=0.8, jac_frobenius=0.1))
-    dash = TrainingDashboard()
-    for r in records:
-        dash.log(r)
-    assert dash.points("loss", "train", "loss") == 5 and dash.points("loss", "test", "loss") == 1
-    assert dash.points("nfe", "train", "bwd_nfe") == 5
-    assert dash.axes["residual"].get_yscale() == "log"
-    assert dash.axes["nfe"].get_ylabel() == "function evaluations"
-    assert dash.points("jac", "train", "jac_loss") == 3               # only the regularized steps
-    assert dash.points("rho", "test", "spectral_radius_max") == 1
-
-    path = tmp_path / "remote.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"event": "done"}\n{"spli')
-    followed = follow(path, poll=0.01, timeout=5)
-    assert followed.points("acc", "train", "acc") == 5 and followed.points("acc", "test", "acc") == 1
-    partial = tmp_path / "running.jsonl"
-    partial.write_text(json.dumps(records[0]) + "\n")
-    assert follow(partial, poll=0.01, timeout=0.05).points("loss", "train", "loss") == 1
+        cli.main(["--config", "mnist", "--set", "epochs"])
 
 
 def test_jacobian_regularization_in_training(tmp_path):
@@ -263,11 +235,13 @@ def test_jacobian_weight_schedule_warm_up_ramp_and_stop(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, epochs=4, pretrain_steps=5, jac_reg_weight=2.0,
                                   jac_reg_ramp_steps=10, pretrain_jac_reg_weight=0.5,
                                   jac_reg_stop_epoch=3))
-    per_epoch = trainer.steps_per_epoch                          # 20
-    assert [trainer.jac_weight(s) for s in range(5)] == [0.5] * 5              # warm-up weight
-    assert trainer.jac_weight(5) == pytest.approx(2.0 * 6 / 10)               # on the ramp
-    assert trainer.jac_weight(3 * per_epoch - 1) == 2.0
-    assert trainer.jac_weight(3 * per_epoch) == 0.0                           # stopped
+    per_epoch, c = trainer.steps_per_epoch, trainer.config                   # 20 steps
+    weight = lambda step: deq_hooks.jac_weight(c, step, per_epoch)  # noqa: E731
+    assert [weight(s) for s in range(5)] == [0.5] * 5                         # warm-up weight
+    assert weight(5) == pytest.approx(2.0 * 6 / 10)                           # on the ramp
+    assert weight(3 * per_epoch - 1) == 2.0 == trainer.jac_weight(3 * per_epoch - 1)
+    assert weight(3 * per_epoch) == 0.0                                       # stopped
+    assert [deq_hooks.warm_up_depth(c, s) for s in (0, 4, 5)] == [c.pretrain_depth] * 2 + [0]
     with pytest.raises(ValueError, match="pretrain_jac_reg_weight"):
         TrainConfig(pretrain_jac_reg_weight=-0.1)
 
@@ -446,8 +420,8 @@ def test_two_processes_train_a_language_model_like_one(tmp_path, stand_in_lm):
 
 def test_command_line_reports_the_validation_score(tmp_path, stand_in_lm, monkeypatch, capsys):
     preset = lm_config(tmp_path, max_steps=4, eval_every=0, limit_test=300, eval_jacobian_samples=0)
-    monkeypatch.setattr("deqlite.configs.load_preset", lambda name: dict(preset))
-    train.main(["--config", "lm", "--set", "seq_len=16", "--log", str(tmp_path / "cli.jsonl")])
+    monkeypatch.setattr(cli, "load_preset", lambda name: dict(preset))
+    cli.main(["--config", "lm", "--set", "seq_len=16", "--log", str(tmp_path / "cli.jsonl")])
     out = capsys.readouterr().out
     assert "validation loss" in out and "bits/token" in out and "perplexity" in out
     assert read_log(tmp_path / "cli.jsonl")[-1]["event"] == "done"

@@ -8,7 +8,7 @@ A notebook calls a check on the student's function and keeps what it returns:
 * right: a one-line confirmation (✓), and the student's function comes back;
 * not written yet (its body still raises ``NotImplementedError``, as in the generated student
   notebooks): the check says so and hands back deqlite's reference implementation
-  (``deqlite.references``), so the rest of the notebook still runs;
+  (``deqlite.classroom.references``), so the rest of the notebook still runs;
 * wrong: ``CheckFailed``, naming the failing input, what was expected, what came back, and a
   hint about the usual mistake.
 """
@@ -18,7 +18,13 @@ import functools
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from .._validate import lookup
+from ..models import DEQClassifier
+from ..projections import L2Ball
+from ..solvers import forward_iteration
 from . import references
 
 DT = torch.float64
@@ -78,7 +84,7 @@ def exercise(check: Callable) -> Callable:
             check(fn)
         except NotWrittenYet as e:
             print(f"… {e}\n  Until then, the rest of this notebook uses deqlite's reference "
-                  f"implementation (deqlite.references.{name}).")
+                  f"implementation (deqlite.classroom.references.{name}).")
             return reference
         return fn
 
@@ -88,7 +94,6 @@ def exercise(check: Callable) -> Callable:
 
 def reference(name: str) -> Callable:
     """deqlite's reference implementation of the exercise ``name`` (e.g. "anderson")."""
-    from ._validate import lookup
     names = [n.removeprefix("check_") for n, v in globals().items()
              if n.startswith("check_") and hasattr(v, "reference")]
     return lookup({n: getattr(references, n) for n in names}, name, "exercise")
@@ -152,7 +157,6 @@ def check_linear_fixed_point(fn: Callable) -> bool:
 # ---------------------------------------------------------------- notebook 02
 
 def _reference_fixed_point(W, U, b, x):
-    from .solvers import forward_iteration
     f = lambda z: torch.tanh(z @ W.T + x @ U.T + b)  # noqa: E731
     z, _ = forward_iteration(f, torch.zeros(x.shape[0], W.shape[0], dtype=DT), tol=1e-13,
                              max_iter=2000)
@@ -274,7 +278,6 @@ def check_linear_deq_grad(fn: Callable) -> bool:
 # ---------------------------------------------------------------- notebook 04
 
 def _tiny_classifier(seed: int):
-    from .models import DEQClassifier
     torch.manual_seed(seed)
     return DEQClassifier(channels=2, hidden=8, deq=dict(tol=1e-6, max_iter=100)).double()
 
@@ -282,7 +285,6 @@ def _tiny_classifier(seed: int):
 @exercise
 def check_train_step(fn: Callable) -> bool:
     """fn(model, optimizer, x, y) -> loss (float) after one cross-entropy optimizer step."""
-    import torch.nn.functional as F
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(6, 1, 28, 28, generator=g, dtype=DT), torch.randint(0, 10, (6,), generator=g)
     ref, mine = _tiny_classifier(1), _tiny_classifier(1)
@@ -404,8 +406,6 @@ def check_power_method(fn: Callable) -> bool:
 def check_fuse_two(fn: Callable) -> bool:
     """fn(b0, b1, down, up) -> [f0, f1]: two-branch multiscale fusion,
     f0 = b0 + nearest-upsample(up(b1)) to b0's size, f1 = b1 + down(b0)."""
-    import torch.nn.functional as F
-    from torch import nn
     for seed, size in [(0, 8), (1, 7)]:                 # an odd size: 7 → 4 → back to 7
         torch.manual_seed(seed)
         b0 = torch.randn(2, 4, size, size, dtype=DT)
@@ -447,7 +447,6 @@ def check_state_numel(fn: Callable) -> bool:
 @exercise
 def check_causal_attention(fn: Callable) -> bool:
     """fn(q, k, v) -> softmax(q kᵀ / √d with the future masked out) v, for (batch, T, d) inputs."""
-    import torch.nn.functional as F
     g = torch.Generator().manual_seed(0)
     for T, d in [(5, 4), (9, 8)]:
         q, k, v = (torch.randn(2, T, d, generator=g, dtype=DT) for _ in range(3))
@@ -496,8 +495,7 @@ def check_unigram_bits(fn: Callable) -> bool:
 @exercise
 def check_project_l2_ball(fn: Callable) -> bool:
     """fn(x, center, radius) -> the projection of each sample of x onto the ball
-    ‖x − center‖₂ ≤ radius (norms over all of a sample's entries), as ``deqlite.jiio.L2Ball``."""
-    from .jiio import L2Ball
+    ‖x − center‖₂ ≤ radius (norms over all of a sample's entries), as ``deqlite.projections.L2Ball``."""
     g = torch.Generator().manual_seed(0)
     cases = []
     # vectors: one sample at the center itself, two inside (one just inside), two outside
@@ -575,7 +573,6 @@ def check_augmented_map(fn: Callable) -> bool:
     """fn(f, loss, z, mu, x, alpha, project) -> JIIO's augmented map
     (f(z, x), J_zᵀμ + ∇_zℓ(z, x), project(x − α (J_xᵀμ + ∇_xℓ(z, x)))), with one evaluation of f
     and one reverse pass through it."""
-    from .jiio import L2Ball
     W, U, b, x = _tanh_problem(3, batch=4, d_in=3, d=6, scale=0.8)   # W not symmetric
     g = torch.Generator().manual_seed(4)
     z = torch.tanh(torch.randn(4, 6, generator=g, dtype=DT))

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from deqlite import checks, references
-from deqlite.checks import CheckFailed
+from deqlite.classroom import checks, references
+from deqlite.classroom.checks import CheckFailed
 
 
 def eye_like(W):

@@ -1,11 +1,9 @@
-"""Live and static residual plots (checked under Agg), and the saved-tensor memory meter."""
+"""Live and static residual plots (checked under Agg)."""
 import pytest
-import torch
 from conftest import symmetric_tanh_problem
 
-from deqlite import DEQ, MLPCell, solve
-from deqlite.memory import saved_tensor_bytes
-from deqlite.plots import LiveResidualPlot, RunComparison, follow, plot_residuals
+from deqlite import solve
+from deqlite.plots import LiveResidualPlot, plot_residuals
 
 
 def test_live_residual_plot_gets_one_point_per_evaluation():
@@ -38,20 +36,6 @@ def test_static_plot_has_a_line_per_solve_and_per_sample_lines():
     assert any(t.startswith("anderson (") and "NFE" in t for t in legend)
 
 
-def test_unrolled_memory_grows_with_iterations_ift_does_not():
-    cell = MLPCell(8, 64, weight_scale=0.9)
-    x = torch.randn(32, 8)
-    memory = {}
-    for rule in ("unrolled", "ift"):
-        for n in (10, 40):
-            deq = DEQ(cell, solver="forward_iteration", tol=0.0, max_iter=n, backward=rule,
-                      on_fail="ignore")
-            _, memory[rule, n] = saved_tensor_bytes(deq, x)
-    state_bytes = 32 * 64 * 4
-    assert memory["unrolled", 40] - memory["unrolled", 10] >= 30 * state_bytes
-    assert memory["ift", 40] == memory["ift", 10] < 10 * state_bytes
-
-
 def test_live_plot_in_a_notebook_replaces_one_png_output(monkeypatch):
     import IPython.display
 
@@ -77,44 +61,6 @@ def test_live_plot_in_a_notebook_replaces_one_png_output(monkeypatch):
     assert kinds[0] == "display" and kinds.count("display") == 1      # one output, never a pile
     assert kinds.count("update") == 1                                  # throttled; final frame forced
     assert shown[-1][1].data[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_run_comparison_draws_one_line_per_run_and_metric():
-    compare = RunComparison(["plain", "JR"], {"fwd_nfe": "NFE", "acc": "accuracy"}, min_interval=0)
-    for label, nfe in [("plain", 16), ("JR", 9)]:
-        for run in (0, 1):
-            log = compare.callback(label, run=run)
-            for step in (10, 20, 30):
-                log(dict(split="train", step=step, fwd_nfe=99, acc=0.1))     # not the test split
-                log(dict(split="test", step=step, fwd_nfe=nfe + run, acc=0.9))
-    assert len(compare.lines) == 2 * 2 * 2
-    line = compare.lines["JR", 1, "fwd_nfe"]
-    assert list(line.get_xdata()) == [10, 20, 30] and list(line.get_ydata()) == [10, 10, 10]
-    assert line.get_color() == compare.lines["JR", 0, "acc"].get_color() != \
-        compare.lines["plain", 0, "acc"].get_color()
-    with pytest.raises(KeyError, match="no run label 'jr'"):
-        compare.callback("jr")
-    with pytest.raises(ValueError, match="panels is empty"):
-        RunComparison(["a"], {})
-
-
-def test_follow_continues_without_redrawing_and_stops_when_the_run_exits(tmp_path):
-    import json
-    import subprocess
-    import sys
-    import time
-    log = tmp_path / "run.jsonl"
-    log.write_text("".join(json.dumps(dict(split="train", step=s, loss=1.0 / s)) + "\n"
-                           for s in (1, 2)))
-    dash = follow(log, poll=0.01, timeout=0.05)
-    with open(log, "a") as fh:
-        fh.write(json.dumps(dict(split="train", step=3, loss=0.3)) + "\n")
-    dash = follow(log, poll=0.01, timeout=0.05, dashboard=dash)
-    assert dash.points("loss", "train", "loss") == 3            # 1, 2, 3: nothing drawn twice
-    run = subprocess.Popen([sys.executable, "-c", "pass"])       # a run that dies, no "done"
-    start = time.perf_counter()
-    follow(log, poll=0.05, timeout=60, process=run)
-    assert time.perf_counter() - start < 30
 
 
 def test_figures_display_as_pictures_in_a_notebook_without_pyplot(monkeypatch):

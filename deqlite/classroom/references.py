@@ -1,7 +1,7 @@
 """Reference implementations of the notebooks' exercises, with the signatures the notebooks use.
 
 When a student has not written an exercise yet (its body still raises ``NotImplementedError``), its
-check in ``deqlite.checks`` says so and hands back the function of the same name from this module,
+check in ``deqlite.classroom.checks`` says so and hands back the function of the same name from this module,
 so the rest of the notebook still runs. Where deqlite has the same thing built in, the reference
 calls it; the others are written the way a student would, in plain torch. Every reference passes
 its own check (``tests/test_checks.py``).
@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..gradients import neumann_series
+from ..jacobian import hutchinson_frobenius
+from ..jiio import augmented_map as jiio_augmented_map
+from ..models import count_parameters as deqlite_count_parameters
+from ..projections import L2Ball
 
 
 # ---------------------------------------------------------------- notebook 01
@@ -105,8 +111,8 @@ def linear_deq_grad(W, b, dl_dz):
 # ---------------------------------------------------------------- notebook 04
 
 def count_parameters(model):
-    """Entries of the trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Entries of the trainable parameters (``deqlite.models.count_parameters``)."""
+    return deqlite_count_parameters(model)
 
 
 def train_step(model, optimizer, x, y):
@@ -134,7 +140,6 @@ def nfe_by_epoch(history):
 def hutchinson(f_z, z, probes):
     """Per-sample ‖J‖²_F / d from the probes (M, batch, d), differentiable
     (``deqlite.jacobian.hutchinson_frobenius``)."""
-    from .jacobian import hutchinson_frobenius
     return hutchinson_frobenius(f_z, z, probes=probes, create_graph=True)
 
 
@@ -181,15 +186,13 @@ def causal_attention(q, k, v):
 # ---------------------------------------------------------------- notebook 08
 
 def project_l2_ball(x, center, radius):
-    """Each sample of x projected onto ‖x − center‖₂ ≤ radius (``deqlite.jiio.L2Ball``)."""
-    from .jiio import L2Ball
+    """Each sample of x projected onto ‖x − center‖₂ ≤ radius (``deqlite.projections.L2Ball``)."""
     return L2Ball(radius, center=center)(x)
 
 
 def augmented_map(f, loss, z, mu, x, alpha, project):
     """JIIO's T(z, μ, x) = (f(z, x), J_zᵀμ + ∇_zℓ, project(x − α (J_xᵀμ + ∇_xℓ))), with one
     evaluation of f and one reverse pass (``deqlite.jiio.augmented_map``)."""
-    from .jiio import augmented_map as jiio_augmented_map
     return jiio_augmented_map(f, loss, z, mu, x, alpha, project)[:3]
 
 
@@ -197,6 +200,5 @@ def augmented_map(f, loss, z, mu, x, alpha, project):
 
 def neumann_adjoint(vjp, grad, k):
     """Σ_{i<k} (Jᵀ)ⁱ grad with vjp(y) = Jᵀ y: k − 1 vector–Jacobian products
-    (``deqlite.deq.neumann_series``, the rule behind ``DEQ(backward="neumann")``)."""
-    from .deq import neumann_series
+    (``deqlite.gradients.neumann_series``, the rule behind ``DEQ(backward="neumann")``)."""
     return neumann_series(vjp, grad, k)[0]

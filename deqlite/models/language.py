@@ -14,13 +14,8 @@ takes as its output the equilibrium of that block, the sequence of states z* = f
               f(z, x) = y + m₂ ⊙ FFN(y)
     logits_t = W_out LN(z*_t) + b_out                 (W_out = E with tied weights)
 
-Attn is torch's ``nn.MultiheadAttention`` with a causal mask: the query at position t sees the keys
-of positions ≤ t only. The masks m₁, m₂ are variational dropout (Gal & Ghahramani 2016): one mask
-per sequence and feature, shape (batch, 1, d), the same at every position and, above all, at every
-solver iteration, so that f stays one fixed map while it is solved. They are drawn in ``inject``
-(once per input) in training mode only. There is no dropout on the attention probabilities
-(the papers' "dropatt"): torch's attention draws a fresh mask per call, which would change f
-between iterations.
+The block f is ``deqlite.cells.TransformerCell`` (its docstring: causal attention, variational
+dropout fixed within a solve, post- and pre-LN).
 
 How the input enters. The DEQ paper injects x into the attention's projections, QKV = W z + U x;
 here u is added to the state, so the attention sees W(z + u) = W z + (W W_u) x, the same kind of
@@ -29,12 +24,6 @@ f(z, x) depends on z and x at positions ≤ t only, so the first t positions of 
 equation z*_{≤t} = f(z*_{≤t}, x_{≤t}), and (when that fixed point is unique) the output at t
 does not depend on later tokens. A solver's iterates are causal only up to its tolerance: Anderson
 mixes all positions with one set of weights and stops on the residual of the whole sequence.
-
-Pre-LN. A textbook pre-LN block returns h + Attn(LN(h)) + FFN(...) = z + u + ..., whose Jacobian
-is I + (...): its iteration is at best neutrally stable, and its equilibrium, a root of
-u + Attn + FFN = 0, is not what a fixed-point solver is built to find. As in locuslab's pre-LN
-DEQ-Transformer (``DEQ-Sequence/models/deq_transformer.py``), the FFN's residual therefore
-starts from the *normalized* y, so f's output stays bounded.
 
 Models (keyword-only options, validated):
 
@@ -55,109 +44,17 @@ softmax), ``loss(tokens, targets)`` (mean negative log-likelihood per token, in 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._validate import check_options, check_positive_ints, check_range, check_tensor, lookup
-from .deq import DEQ
+from .._validate import check_int_list, check_positive_ints, check_range, check_tensor, lookup
+from ..cells import TransformerCell, check_dropout
+from ..deq import DEQ
 
-NORMS = ("post", "pre")
 POSITIONS = ("learned", "sinusoidal")
-
-
-def _check_dropout(dropout: float) -> None:
-    check_range(dropout, "dropout", low=0, high=1)
-    if dropout == 1:
-        raise ValueError("dropout must be below 1 (a rate of 1 drops every feature).")
-
-
-def causal_mask(length: int, like: torch.Tensor) -> torch.Tensor:
-    """(length, length) additive mask: 0 on and below the diagonal, −inf above (key s > query t),
-    so that softmax gives exactly zero weight to future positions."""
-    return nn.Transformer.generate_square_subsequent_mask(length, device=like.device,
-                                                          dtype=like.dtype)
-
-
-def variational_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """A dropout mask for sequences shaped like ``like`` (batch, T, d): shape (batch, 1, d), entries
-    0 with probability p and 1/(1−p) otherwise, shared by all positions (E[m] = 1)."""
-    keep = torch.full((like.shape[0], 1, like.shape[2]), 1 - p, dtype=like.dtype,
-                      device=like.device)
-    return torch.bernoulli(keep) / (1 - p)
-
-
-class TransformerCell(nn.Module):
-    """One weight-tied Transformer block with input injection, f(z, x) of the module docstring.
-
-    Args:
-        d_model: width of the state z (batch, T, d_model).
-        n_heads: attention heads (d_model must be a multiple).
-        d_ff: inner width of the feed-forward network.
-        dropout: variational dropout rate on the attention and feed-forward outputs.
-        norm: ``"post"`` (LayerNorm after each residual sum, the DEQ paper's) or ``"pre"``.
-    """
-
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, *, dropout: float = 0.0,
-                 norm: str = "post"):
-        super().__init__()
-        check_positive_ints(d_model=d_model, n_heads=n_heads, d_ff=d_ff)
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads} (each head "
-                             f"gets d_model / n_heads features); change one of them.")
-        _check_dropout(dropout)
-        self.norm_kind = lookup(NORMS, norm, "norm")
-        self.d_model, self.n_heads, self.d_ff, self.dropout = d_model, n_heads, d_ff, dropout
-        self.injection = nn.Linear(d_model, d_model)
-        self.attention = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
-        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model))
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-
-    def inject(self, x: torch.Tensor) -> list:
-        """``[u]`` with u = W_u x + b_u for embedded tokens x (batch, T, d_model), plus the two
-        dropout masks ``[u, m₁, m₂]`` in training mode."""
-        check_tensor(x, "x")
-        if x.dim() != 3 or x.shape[2] != self.d_model:
-            raise ValueError(f"TransformerCell(d_model={self.d_model}) expects embedded tokens of "
-                             f"shape (batch, T, {self.d_model}), got {tuple(x.shape)}.")
-        u = self.injection(x)
-        if not (self.training and self.dropout):
-            return [u]
-        return [u, variational_mask(u, self.dropout), variational_mask(u, self.dropout)]
-
-    def init_state(self, injection: list) -> torch.Tensor:
-        """z0 = 0, shaped like u: (batch, T, d_model)."""
-        return torch.zeros_like(injection[0])
-
-    def _attend(self, h: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention. When a graph is being built, torch's plain ("math") attention
-        kernel: the fused CPU/GPU kernels have no second derivative, which the Jacobian
-        regularizer needs (it differentiates a vector–Jacobian product)."""
-        mask = causal_mask(h.shape[1], h)
-        with sdpa_kernel(SDPBackend.MATH) if torch.is_grad_enabled() else nullcontext():
-            return self.attention(h, h, h, attn_mask=mask, is_causal=True, need_weights=False)[0]
-
-    def forward(self, z: torch.Tensor, injection: list) -> torch.Tensor:
-        u, *masks = injection
-        if z.shape != u.shape:
-            raise ValueError(f"state z has shape {tuple(z.shape)} but the injection has shape "
-                             f"{tuple(u.shape)}; they must match (batch, T, {self.d_model}).")
-        m1, m2 = masks if masks else (1.0, 1.0)
-        h = z + u
-        if self.norm_kind == "post":
-            y = self.norm1(h + m1 * self._attend(h))
-            return self.norm2(y + m2 * self.ff(y))
-        y = self.norm2(h + m1 * self._attend(self.norm1(h)))
-        return y + m2 * self.ff(y)
-
-    def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, n_heads={self.n_heads}, d_ff={self.d_ff}, "
-                f"dropout={self.dropout}, norm={self.norm_kind!r}")
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
@@ -172,14 +69,11 @@ def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
 
 
 def _check_cutoffs(cutoffs: Sequence[int], vocab_size: int) -> list:
-    if isinstance(cutoffs, int) or not isinstance(cutoffs, (list, tuple)) or not cutoffs:
-        raise TypeError(f"cutoffs must be a non-empty list of increasing token ids, e.g. "
-                        f"[20000, 40000, 200000], got {cutoffs!r}.")
-    cutoffs = list(cutoffs)
-    for i, c in enumerate(cutoffs):
-        check_range(c, f"cutoffs[{i}]", low=1, high=vocab_size - 1, integer=True)
+    cutoffs = check_int_list(cutoffs, "cutoffs", high=vocab_size - 1,
+                             example="[20000, 40000, 200000]")
     if cutoffs != sorted(set(cutoffs)):
-        raise ValueError(f"cutoffs must increase strictly, got {cutoffs}.")
+        raise ValueError(f"cutoffs must increase strictly, e.g. [20000, 40000, 200000], got "
+                         f"{cutoffs}.")
     return cutoffs
 
 
@@ -231,7 +125,7 @@ class _LanguageModel(nn.Module):
                  div_value: float):
         super().__init__()
         check_positive_ints(vocab_size=vocab_size, d_model=d_model, max_len=max_len)
-        _check_dropout(dropout)
+        check_dropout(dropout)
         lookup(POSITIONS, positions, "positions")
         if not isinstance(tie_weights, bool):
             raise TypeError(f"tie_weights must be True or False, got {tie_weights!r}.")
@@ -361,8 +255,7 @@ class DEQTransformerLM(_LanguageModel):
                          positions=positions, tie_weights=tie_weights, cutoffs=cutoffs,
                          div_value=div_value)
         self.cell = TransformerCell(d_model, n_heads, d_ff, dropout=dropout, norm=norm)
-        check_options(DEQ.__init__, deq or {}, "deq")
-        self.deq = DEQ(self.cell, **(deq or {}))
+        self.deq = DEQ.from_options(self.cell, deq)
 
     def _body(self, x: torch.Tensor) -> torch.Tensor:
         return self.deq(x)

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import torchrun_process
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_data import write_image_tree
+from conftest import torchrun_process, write_image_tree
 
-from deqlite import train
-from deqlite.configs import load_preset
-from deqlite.train import Trainer, TrainConfig, read_log
+from deqlite.train import Trainer, TrainConfig, load_preset, read_log
+from deqlite.train import __main__ as cli
 
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the Gloo backend is not available")
@@ -50,7 +48,7 @@ def test_torchrun_two_processes_step_like_one_process_on_the_global_batch(tmp_pa
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("test accuracy") == 1 and "2 process(es)" in run.stdout   # rank 0 prints
 
-    config = train._merge(load_preset("mnist"), train._parse_set(sets))
+    config = cli._merge(load_preset("mnist"), cli._parse_set(sets))
     single = Trainer(config)
     initial = {k: v.clone() for k, v in single.model.state_dict().items()}
     single.fit(progress=False)
@@ -138,7 +136,7 @@ def test_scale_config_errors_name_the_valid_values():
         TrainConfig(amp="bf61")
     with pytest.raises(KeyError, match="unknown config key 'num_worker'. Did you mean 'num_workers'"):
         TrainConfig.from_dict({"num_worker": 4})
-    with pytest.raises(KeyError, match="Valid keys: .*channels_last"):
+    with pytest.raises(KeyError, match="Valid config keys: .*channels_last"):
         TrainConfig.from_dict({"channel_last": True})
     with pytest.raises(TypeError, match="augment must be true or false"):
         TrainConfig(augment="yes")
@@ -157,4 +155,4 @@ def test_scale_config_errors_name_the_valid_values():
     with pytest.raises(ValueError, match="normalize has 3 numbers.*1 channel"):
         Trainer(dict(dataset="digits", normalize=[[0.5] * 3, [0.2] * 3]))
     with pytest.raises(ValueError, match="unknown amp mode"):
-        train.main(["--config", "mnist", "--set", "amp=fp32"])
+        cli.main(["--config", "mnist", "--set", "amp=fp32"])

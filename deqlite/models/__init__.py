@@ -1,0 +1,41 @@
+"""Task models around a DEQ, and their registry.
+
+    image ──stem──▶ x ──DEQ: z* = f(z*, x)──▶ z* ──head──▶ class scores        (``vision``)
+    tokens ──embed──▶ x ──DEQ over a Transformer block──▶ z* ──▶ next-token logits (``language``)
+
+``MODELS`` maps the names the training configs use to the classes; ``build_model(name, **options)``
+builds one with its options validated (an unknown option names the valid ones).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .._validate import check_options, lookup
+from .language import AdaptiveInput, DEQTransformerLM, TransformerLM
+from .vision import (ConvDEQClassifier, DEQClassifier, DEQDecoder, ExplicitClassifier,
+                     MDEQClassifier)
+
+MODELS = {"deq_classifier": DEQClassifier, "explicit_classifier": ExplicitClassifier,
+          "conv_deq_classifier": ConvDEQClassifier, "mdeq_classifier": MDEQClassifier,
+          "deq_transformer_lm": DEQTransformerLM, "transformer_lm": TransformerLM}
+
+__all__ = ["MODELS", "build_model", "count_parameters", "is_language_model", "AdaptiveInput",
+           "ConvDEQClassifier", "DEQClassifier", "DEQDecoder", "DEQTransformerLM",
+           "ExplicitClassifier", "MDEQClassifier", "TransformerLM"]
+
+
+def build_model(name: str, **options) -> nn.Module:
+    """``MODELS[name](**options)``, with an unknown option reported by name."""
+    cls = lookup(MODELS, name, "model")
+    check_options(cls.__init__, options, f"model {name!r}")
+    return cls(**options)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Entries of the trainable parameters (those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def is_language_model(cls: type) -> bool:
+    """A language model has ``loss(tokens, targets)`` (the trainer calls it for text)."""
+    return callable(getattr(cls, "loss", None))
