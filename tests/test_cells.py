@@ -10,15 +10,6 @@ from deqlite import DEQ, MLPCell, spectral_rescale_
 from deqlite.cells import ConvCell, MultiscaleCell, ResidualBlock, TransformerCell, variational_mask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread: as fast on these tiny tensors, and steady when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_forward_is_tanh_of_weight_tied_layer_plus_injection():
     cell = MLPCell(3, 5)
     x, z = torch.randn(4, 3), torch.randn(4, 5)

@@ -13,7 +13,7 @@ WINGS = ("models", "data", "train", "classroom")
 ALLOWED = {"models": set(), "data": set(), "train": {"models", "data"},
            "classroom": {"models"}}
 CATALOGUES = {"deqlite.classroom.checks"}       # one idea many times: allowed to be long
-MAX_MODULE_LINES, MAX_FUNCTION_LINES = 430, 60
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 440, 60     # "one sitting": ~400 lines, a screen
 
 
 def module_name(path: Path) -> str:

@@ -17,15 +17,6 @@ V, T = 13, 10
 LM_PRESETS = ["stdlib_char_lm", "wt103_deq_transformer", "wt103_deq_transformer_jr"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread: as fast on these tiny tensors, and steady when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(name="deq_transformer_lm", **options):
     defaults = dict(vocab_size=V, d_model=16, n_heads=2, d_ff=32, max_len=T)
     if name == "deq_transformer_lm":

@@ -12,16 +12,6 @@ DT = torch.float64
 VISION_PRESETS = ["cifar10_mdeq_tiny", "cifar10_mdeq_large_jr", "imagenet_mdeq_small_jr"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread: as fast on these tiny tensors, and immune to the ~8 ms stall per op that
-    a multi-threaded op suffers when another job keeps one of the cores busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_mdeq(**options):
     defaults = dict(channels=[4, 8], head_channels=[2, 2], final_channels=8, groups=2,
                     expansion=2, deq=dict(max_iter=8, on_fail="ignore"))
