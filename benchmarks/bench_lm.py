@@ -76,7 +76,7 @@ def bench_speed(batch: int, repeats: int, quick: bool) -> dict:
     t_deq = median_time(trainer.train_step, repeats)
     record = trainer.train_step()
     params, nfe = count_parameters(model), (record["fwd_nfe"], record["bwd_nfe"])
-    del trainer, model, m, z
+    del trainer, model                                   # free the first model before the second
     warm_up = trainer_on(config, stream, model_options=options, batch_size=batch,
                          pretrain_steps=10 ** 9)             # every step a warm-up step
     t_warm = median_time(warm_up.train_step, repeats)

@@ -66,10 +66,6 @@ from .log import append_done, append_record, truncate_log
 from .tasks import task_for
 
 
-def _int(value: Optional[float]) -> Optional[int]:
-    return None if value is None else int(value)
-
-
 class Trainer:
     """Holds a model, its task (data) and optimizer, and trains it with ``fit()``.
 
@@ -178,6 +174,7 @@ class Trainer:
             [loss.item(), acc, jac_loss.item() if jac_loss is not None else None], "sum")
         fwd_nfe, bwd_nfe, residual = self._all_reduce(
             [solver["fwd_nfe"], solver["bwd_nfe"], solver["residual"]], "max")
+        fwd_nfe, bwd_nfe = (None if n is None else int(n) for n in (fwd_nfe, bwd_nfe))
         w, elapsed = self.place.world_size, time.perf_counter() - start
         return dict(split="train", step=self.step, epoch=epoch, loss=mean_loss / w,
                     **self.task.quality(mean_loss / w, acc / w if acc is not None else None),
@@ -185,7 +182,7 @@ class Trainer:
                     **self.task.speed(y, w, elapsed),
                     jac_weight=gamma if c.jac_reg_weight or c.pretrain_jac_reg_weight else None,
                     jac_loss=mean_jac / w if mean_jac is not None else None,
-                    grad_norm=grad_norm, fwd_nfe=_int(fwd_nfe), bwd_nfe=_int(bwd_nfe),
+                    grad_norm=grad_norm, fwd_nfe=fwd_nfe, bwd_nfe=bwd_nfe,
                     residual=residual)
 
     @torch.no_grad()
