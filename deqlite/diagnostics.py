@@ -6,6 +6,8 @@ state says *why*. Near z*, forward iteration's error shrinks like e_{k+1} ≈ J 
 * ρ(J) < 1: z* attracts forward iteration, at about ρ(J) per step, i.e.
   log(tol)/log ρ(J) steps to reach ``tol`` (ρ = 0.9: ~90 steps for 1e-4; ρ = 0.5: ~13);
 * ρ(J) ≥ 1: z* repels forward iteration (Anderson and Broyden may still find it, less reliably);
+  at a state that is *not* an equilibrium (the solve did not converge) ρ(J) says only that the
+  map expands there, not whether some equilibrium elsewhere would attract;
 * a large ‖J‖²_F / d (many large directions) makes every solver work harder: the quantity
   Jacobian regularization penalizes.
 
@@ -89,17 +91,23 @@ def _status_and_advice(stats: SolverStats, rho: torch.Tensor, max_iter: int) -> 
         status = "slow: still improving when max_iter ran out"
     rho_max = rho.max().item()
     if rho_max >= 1:
-        advice.append(f"ρ(J) = {rho_max:.2f} ≥ 1: z* repels forward iteration. Use anderson or "
-                      "broyden, damping (forward_iteration's `damping`, anderson's `beta` < 1), a "
-                      "smaller weight scale, or train with Jacobian regularization.")
+        at_equilibrium = bool((rho[stats.converged.to(rho.device)] >= 1).any())
+        where = ("at an equilibrium the solve found: that z* repels forward iteration"
+                 if at_equilibrium else
+                 "at the returned state, which is not an equilibrium (the solve did not converge "
+                 "there): the map expands near it, so forward iteration cannot settle there")
+        advice.append(f"ρ(J) = {rho_max:.2f} ≥ 1 {where}. Use anderson or broyden, damping "
+                      "(forward_iteration's `damping`, anderson's `beta` < 1), a smaller weight "
+                      "scale, or train with Jacobian regularization.")
     elif rho_max > 0.9:
         advice.append(f"ρ(J) = {rho_max:.2f} is close to 1: expect slow convergence. Jacobian "
                       "regularization (TrainConfig.jac_reg_weight) keeps it lower during training.")
     if status.startswith("slow"):
         advice.append("raise max_iter, loosen tol, or switch to a faster solver (anderson, broyden).")
     elif status.startswith(("stagnating", "diverging")) and rho_max < 1:
-        advice.append("the map contracts near z* but the solver failed: lower anderson's `beta` or "
-                      "raise its regularizer `lam`, or start from a better z0 (warm start).")
+        advice.append("the map contracts at the returned state but the solver failed: lower "
+                      "anderson's `beta` or raise its regularizer `lam`, or start from a better z0 "
+                      "(warm start).")
     return status, advice
 
 

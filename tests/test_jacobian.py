@@ -271,6 +271,7 @@ def test_diagnose_a_healthy_and_a_repelling_model():
     assert not report.stats.all_converged and (report.spectral_radius >= 1).any()
     text = str(report)
     assert "≥ 1" in text and "Jacobian regularization" in text and "damping" in text
+    assert "not an equilibrium" in text and "repels" not in text     # no z* was found
     assert report.forward_iteration_steps() == math.inf
     fig = report.plot()
     assert isinstance(fig, Figure) and len(fig.axes) == 2
@@ -296,3 +297,29 @@ def test_find_deq_errors():
     two = torch.nn.ModuleList([DEQ(MLPCell(2, 3)), DEQ(MLPCell(2, 3))])
     with pytest.raises(ValueError, match="holds 2 DEQ modules"):
         find_deq(two)
+
+
+class LinearCell(torch.nn.Module):
+    """f(z, x) = W z + x with W = diag(1.5, 0.2, 0.1): a unique equilibrium, which repels
+    forward iteration (ρ = 1.5) and which Broyden finds anyway (a linear root is easy for it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.diag(torch.tensor([1.5, 0.2, 0.1], dtype=DT)))
+
+    def inject(self, x):
+        return x
+
+    def init_state(self, injection):
+        return torch.zeros_like(injection)
+
+    def forward(self, z, injection):
+        return z @ self.W.T + injection
+
+
+def test_diagnose_says_repels_only_of_an_equilibrium_it_found():
+    deq = DEQ(LinearCell(), solver="broyden", tol=1e-10, max_iter=50)
+    report = diagnose(deq, torch.randn(2, 3, dtype=DT))
+    assert report.stats.all_converged
+    assert torch.allclose(report.spectral_radius, torch.full((2,), 1.5, dtype=DT))
+    assert "z* repels forward iteration" in str(report)
