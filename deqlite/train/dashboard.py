@@ -28,7 +28,7 @@ class TrainingDashboard(LiveFigure):
 
     PANELS = (("loss", "loss", False), ("acc", "accuracy", False),
               ("nfe", "function evaluations", False), ("residual", "final rel. residual", True),
-              ("rho", "spectral radius ρ(J)", False), ("jac", "‖J‖²_F / d", False))
+              ("rho", r"spectral radius $\rho(J)$", False), ("jac", r"$\|J\|_F^2\,/\,d$", False))
 
     def __init__(self, title: str = "Training", *, min_interval: float = 0.5):
         fig = Figure(figsize=(13, 6.5))
@@ -56,9 +56,8 @@ class TrainingDashboard(LiveFigure):
         self._add("rho", "test", "spectral_radius_max", "^", label="max (test)")
         self._add("jac", "train", "jac_loss", "-", label="train (JR estimate)")
         self._add("jac", "test", "jac_frobenius", "o", label="test")
-        self.axes["rho"].axhline(1.0, color="gray", linestyle=":", linewidth=1)
-        for ax in self.axes.values():
-            ax.legend(loc="best", fontsize=8)
+        self.axes["rho"].axhline(1.0, color="gray", linestyle=":", linewidth=1,
+                                 label=r"$\rho(J) = 1$")
         fig.tight_layout()
         super().__init__(fig, min_interval=min_interval)
 
@@ -74,7 +73,10 @@ class TrainingDashboard(LiveFigure):
         for line, split, key in self.series.values():
             value = record.get(key)
             if record["split"] == split and value is not None:
+                first = not len(line.get_xdata())
                 line.set_data([*line.get_xdata(), record["step"]], [*line.get_ydata(), value])
+                if first:
+                    _legend(line.axes)          # a series gets its legend entry with its data
         for ax in self.axes.values():
             ax.relim()
             ax.autoscale_view()
@@ -83,6 +85,13 @@ class TrainingDashboard(LiveFigure):
     def points(self, panel: str, split: str, key: str) -> int:
         """How many points one series holds (for tests and sanity checks)."""
         return len(self.series[f"{panel}/{split}/{key}"][0].get_xdata())
+
+
+def _legend(ax) -> None:
+    """The axes' legend, listing only the lines that hold data (an empty series is not shown)."""
+    shown = [line for line in ax.get_lines()
+             if not line.get_label().startswith("_") and len(line.get_xdata())]
+    ax.legend(handles=shown, loc="best", fontsize=8)
 
 
 class RunComparison(LiveFigure):

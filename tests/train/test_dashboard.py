@@ -19,6 +19,12 @@ def test_dashboard_and_follow_draw_the_log(tmp_path):
     assert dash.axes["nfe"].get_ylabel() == "function evaluations"
     assert dash.points("jac", "train", "jac_loss") == 3               # only the regularized steps
     assert dash.points("rho", "test", "spectral_radius_max") == 1
+    legend = lambda panel: [t.get_text() for t in dash.axes[panel].get_legend().get_texts()]  # noqa: E731
+    assert legend("jac") == ["train (JR estimate)", "test"]
+    unregularized = TrainingDashboard()
+    for r in records:
+        unregularized.log({k: v for k, v in r.items() if k != "jac_loss"})
+    assert [t.get_text() for t in unregularized.axes["jac"].get_legend().get_texts()] == ["test"]
 
     path = tmp_path / "remote.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"event": "done"}\n{"spli')
