@@ -7,7 +7,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deqlite-installed
 BROWSER_STAMP := $(VENV)/.deqlite-browser-installed
 
-.PHONY: install lab test test-browser student clean
+WORK   ?= work
+# JupyterLab refuses to run as root (containers) unless told it may
+ROOT_OK := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+
+.PHONY: install lab lab-instructor test test-browser student notebook-times clean
 
 install: $(STAMP)
 
@@ -17,8 +21,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
 	@touch $(STAMP)
 
+# A learner's working copy: the student notebooks in work/ (the solutions in work/solutions/),
+# copied once and never overwritten, git-ignored and never read by `make test`; without
+# nbgrader's instructor tools (.jupyter/learner).
 lab: install
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/python -m deqlite.classroom workspace $(WORK)
+	JUPYTER_CONFIG_PATH=$(CURDIR)/.jupyter/learner $(BIN)/jupyter lab $(ROOT_OK) $(WORK)/
+
+# The committed notebooks themselves, with nbgrader's lab extension (for instructors and authors).
+lab-instructor: install
+	$(BIN)/jupyter lab $(ROOT_OK) notebooks/
 
 # pytest on tests/ and nbval on every notebook, solution and student versions, in fast mode
 # (DEQLITE_FAST=1). tests/test_classroom.py fails if notebooks/student/ is out of date.
@@ -38,6 +50,11 @@ $(BROWSER_STAMP): $(STAMP)
 test-browser: install $(BROWSER_STAMP)
 	bash tests/browser/ensure_chromium.sh
 	$(BIN)/python -m pytest tests/browser -v
+
+# Every notebook run top to bottom in default mode, one after the other; the times go to
+# benchmarks/notebook_times.md (the table in notebooks/INSTRUCTORS.md comes from it).
+notebook-times: install
+	$(BIN)/python benchmarks/notebook_times.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache test-artifacts

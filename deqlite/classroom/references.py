@@ -202,3 +202,16 @@ def neumann_adjoint(vjp, grad, k):
     """Σ_{i<k} (Jᵀ)ⁱ grad with vjp(y) = Jᵀ y: k − 1 vector–Jacobian products
     (``deqlite.gradients.neumann_series``, the rule behind ``DEQ(backward="neumann")``)."""
     return neumann_series(vjp, grad, k)[0]
+
+
+# ---------------------------------------------------------------- notebook 10
+
+def data_parallel_gradient(model, x, y, world_size):
+    """What DistributedDataParallel computes: each of world_size processes takes the gradient of
+    its contiguous shard's mean loss; the gradients are averaged (all-reduce, divided by W)."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for x_r, y_r in zip(x.tensor_split(world_size), y.tensor_split(world_size)):
+        grads = torch.autograd.grad(F.cross_entropy(model(x_r), y_r), params)
+        total = [t + g for t, g in zip(total, grads)]
+    return [t / world_size for t in total]

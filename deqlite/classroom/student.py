@@ -14,12 +14,18 @@ still runs (see ``deqlite.classroom.checks``).
 
     python -m deqlite.classroom student            # (re)write notebooks/student/
     python -m deqlite.classroom student --check    # fail if notebooks/student/ is out of date
+    python -m deqlite.classroom workspace work     # a learner's working copy (``make lab``)
 
-``make student`` runs the first; the test suite runs the equivalent of the second.
+``make student`` runs the first; the test suite runs the equivalent of the second. The third
+copies the student notebooks into a folder of the learner's own (and the solution notebooks into
+its ``solutions/``), never overwriting a file that is already there: the learner works in that
+copy, which git ignores and ``make test`` never reads, so neither a test run nor a
+``git checkout`` touches their work.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,3 +85,20 @@ def out_of_date(out: Path = STUDENT, folder: Path = SOLUTIONS) -> list[str]:
                 if not (out / name).exists() or (out / name).read_text(encoding="utf-8") != text]
     problems += sorted(p.name for p in out.glob("*.ipynb") if p.name not in wanted)
     return sorted(problems)
+
+
+def make_workspace(dest: Path, *, student: Path = STUDENT, solutions: Path = SOLUTIONS) -> tuple:
+    """Copy the student notebooks into `dest` and the solution notebooks into `dest/solutions`,
+    leaving every file that exists there already as it is. Returns ``(copied, kept)``, two lists
+    of the paths written and the paths left alone."""
+    copied, kept = [], []
+    for source, target in ((student, Path(dest)), (solutions, Path(dest) / "solutions")):
+        target.mkdir(parents=True, exist_ok=True)
+        for path in solution_notebooks(source):
+            copy = target / path.name
+            if copy.exists():
+                kept.append(copy)
+            else:
+                shutil.copyfile(path, copy)
+                copied.append(copy)
+    return copied, kept

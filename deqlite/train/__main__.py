@@ -19,39 +19,12 @@ abbreviation of its options). ImageNet: ``export DEQLITE_DATA=/folder/with/image
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from .configs import PRESETS, load_preset
 from .distributed import Place, shutdown_distributed
 from .trainer import Trainer
-
-
-def _parse_set(items: list[str]) -> dict:
-    """``["epochs=3", "model_options.hidden=64"]`` → nested dict; values parsed as JSON if they can be."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    merged = dict(base)
-    for k, v in extra.items():
-        merged[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return merged
 
 
 def _arguments(argv) -> argparse.Namespace:
@@ -70,7 +43,10 @@ def _arguments(argv) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = _arguments(argv)
-    config = _merge(load_preset(args.config), _parse_set(args.set))
+    try:
+        config = load_preset(args.config, args.set)
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
     config.setdefault("log_path", args.log or f"runs/{args.config}.jsonl")
     config.setdefault("checkpoint_path", args.checkpoint or f"runs/{args.config}.pt")
     if args.log:

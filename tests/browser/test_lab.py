@@ -12,11 +12,20 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 from .harness import REPORT, VENV_BIN, our_processes
 
 RUN_TIMEOUT = float(os.environ.get("DEQLITE_BROWSER_RUN_TIMEOUT", "900"))   # s per notebook
 NB02 = "02_fixed_point_solvers.ipynb"
 NB04 = "04_training_a_deq.ipynb"
+# the notebooks with a widget or a live plot, beside 02 and 04 (which have tests of their own)
+OTHERS = ["01_weight_tied_input_injected.ipynb", "05_jacobian_regularization.ipynb",
+          "06_conv_and_multiscale_deq.ipynb", "07_deq_transformer_lm.ipynb",
+          "08_joint_inference_input_optimization.ipynb", "09_gradient_shortcuts.ipynb",
+          "10_scaling_up.ipynb"]
+# a cell that makes a live figure (redrawn in place while it runs), or follows a run's log
+LIVE = r"LiveResidualPlot\(|TrainingDashboard\(|RunComparison\(|follow\("
 
 # Every distinct picture and progress-bar width each cell's outputs show, as they appear: a live
 # figure is redrawn in place, so one <img> whose src changes (or is swapped) shows up here as
@@ -182,7 +191,7 @@ def screenshot(page, locator, path: Path) -> None:
 def check_every_figure(page, cells, name: str) -> int:
     """Every cell that draws (plt.show, a live plot, follow) shows a decoded PNG image."""
     drawing = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and re.search(
-        r"plt\.show\(\)|LiveResidualPlot\(|TrainingDashboard\(|follow\(", "".join(c["source"]))]
+        LIVE + r"|plt\.show\(\)|interact\(", "".join(c["source"]))]
     missing = [i for i in drawing if not any(img["width"] > 200 for img in png_images(page, i))]
     assert not missing, f"{name}: cells {missing} show no figure"
     return len(drawing)
@@ -312,3 +321,57 @@ def test_04_training_dashboard_and_progress_bar(page, lab, artifacts):
                   f"{len(partial)} partial widths seen")
     shown_on_stderr = stderr_shown(page)
     assert not shown_on_stderr, f"{NB04} shows on stderr:\n" + "\n".join(shown_on_stderr)
+
+
+def move_every_slider(page, name: str) -> list[str]:
+    """Every slider of the notebook, one step to the right by keyboard: each must redraw the
+    picture of its cell. Returns what moved, for the report."""
+    moved = []
+    sliders = page.locator(".jp-Notebook .widget-slider")
+    for k in range(sliders.count()):
+        slider = sliders.nth(k)
+        slider.scroll_into_view_if_needed()
+        index = int(slider.evaluate("s => s.closest('.jp-Cell').dataset.windowedListIndex"))
+        label = slider.locator(".widget-label").text_content().strip() or f"slider {k}"
+        before = [img["sig"] for img in png_images(page, index) if img["width"] > 200]
+        assert before, f"{name}: the slider {label!r} has no picture beside it (cell {index})"
+        readout = slider.locator(".widget-readout").text_content().strip()
+        slider.locator(".noUi-handle").focus()
+        page.keyboard.press("ArrowRight")
+        wait_for_new_image(page, index, before[0], f"{name}: slider {label!r} moved")
+        after = slider.locator(".widget-readout").text_content().strip()
+        assert after != readout, f"{name}: the slider {label!r} did not move ({readout})"
+        moved.append(f"{label} {readout}→{after}")
+    return moved
+
+
+@pytest.mark.parametrize("name", OTHERS, ids=lambda n: n[:2])
+def test_every_live_plot_redraws_and_every_slider_drives_its_plot(page, lab, artifacts, name):
+    """Run All: no error, a picture in every cell that draws, every live figure one image redrawn
+    in place (at least two frames, the last the one shown), every slider moves its plot."""
+    cells = notebook_cells(lab, name)
+    live = [i for i, c in enumerate(cells) if c["cell_type"] == "code"
+            and re.search(LIVE, "".join(c["source"]))]
+    widgets = [i for i, c in enumerate(cells) if c["cell_type"] == "code"
+               and "interact(" in "".join(c["source"])]
+    assert live or widgets, f"{name} has neither a live plot nor a widget: take it off the list"
+    open_notebook(page, lab, name)
+    check_kernel_is_ours(lab, name)
+    seconds = run_all_cells(page, lab, name)
+    page.screenshot(path=str(artifacts / f"{name[:2]}-after-run-all.png"))
+    check_no_errors(page, name)
+    n_figures = check_every_figure(page, cells, name)
+    redrawn = {}
+    for i in live:
+        shown, images = frames(page, i), png_images(page, i)
+        assert images, f"{name}: the live figure of cell {i} shows no image"
+        assert len(shown) >= 2 and shown[-1] in [img["sig"] for img in images], \
+            f"{name}: the live figure of cell {i} was not redrawn in place ({len(shown)} frame(s))"
+        redrawn[i] = len(shown)
+    moved = move_every_slider(page, name)
+    assert len(moved) >= len(widgets), f"{name}: {len(widgets)} interact cells, {len(moved)} sliders"
+    check_no_errors(page, name)
+    shown_on_stderr = stderr_shown(page)
+    assert not shown_on_stderr, f"{name} shows on stderr:\n" + "\n".join(shown_on_stderr)
+    REPORT.append(f"{name}: Run All {seconds:.0f} s; {n_figures} figure cells; live figures "
+                  f"(cell: frames) {redrawn or 'none'}; sliders moved: {', '.join(moved) or 'none'}")

@@ -303,6 +303,52 @@ CASES_05 = [
     ]),
 ]
 
+def data_parallel_gradient(model, x, y, world, average=True, mean_loss=True, shards=None,
+                           one_shard=False):
+    """What DDP computes (and variations a student might write)."""
+    import torch.nn.functional as F
+    params, total = list(model.parameters()), None
+    parts = list(zip(x.tensor_split(shards or world), y.tensor_split(shards or world)))
+    for x_r, y_r in parts[:1] if one_shard else parts:
+        loss = F.cross_entropy(model(x_r), y_r, reduction="mean" if mean_loss else "sum")
+        grads = torch.autograd.grad(loss, params)
+        total = grads if total is None else [t + g for t, g in zip(total, grads)]
+    return [t / world for t in total] if average else list(total)
+
+
+def data_parallel_gradient_with_backward(model, x, y, world):
+    """A correct alternative: .backward() accumulates into .grad; read and restore it."""
+    import torch.nn.functional as F
+    saved = [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    for x_r, y_r in zip(x.tensor_split(world), y.tensor_split(world)):
+        (F.cross_entropy(model(x_r), y_r) / world).backward()
+    out = [p.grad.clone() for p in model.parameters()]
+    for p, g in zip(model.parameters(), saved):
+        p.grad = g
+    return out
+
+
+def data_parallel_gradient_stepping(model, x, y, world):
+    """Right gradients, but it also takes an SGD step: it changes the weights."""
+    grads = data_parallel_gradient(model, x, y, world)
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p -= 0.1 * g
+    return grads
+
+
+CASES_10 = [
+    (checks.check_data_parallel_gradient, data_parallel_gradient, [
+        lambda m, x, y, w: data_parallel_gradient(m, x, y, w, average=False),     # sums
+        lambda m, x, y, w: data_parallel_gradient(m, x, y, w, mean_loss=False),   # sum loss
+        lambda m, x, y, w: data_parallel_gradient(m, x, y, w, one_shard=True),    # rank 0 only
+        data_parallel_gradient_stepping,                                         # takes a step
+        lambda m, x, y, w: data_parallel_gradient(m, x, y, w)[:-1],              # drops one
+    ]),
+    (checks.check_data_parallel_gradient, data_parallel_gradient_with_backward, []),
+]
+
 CASES = [
     (checks.check_weight_tied_forward, weight_tied_forward, [
         lambda *a: weight_tied_forward(*a, inject_every_layer=False),
@@ -370,7 +416,7 @@ CASES = [
         lambda h: {e: max(r["fwd_nfe"] for r in h if r["epoch"] == e and r["split"] == "train")
                    for e in {r["epoch"] for r in h}},                    # max, not mean
     ]),
-] + CASES_05 + CASES_06 + CASES_07 + CASES_08 + CASES_09
+] + CASES_05 + CASES_06 + CASES_07 + CASES_08 + CASES_09 + CASES_10
 
 
 @pytest.mark.parametrize("check, right, wrongs", CASES, ids=[c[0].__name__ for c in CASES])

@@ -69,3 +69,20 @@ def test_every_exercise_is_cleared_in_the_student_version_and_checked(path):
             before + "# YOUR CODE HERE\n" + indent + "raise NotImplementedError()" + after)
     other = [j for j, c in enumerate(solution) if j not in {i for i, _, _ in found}]
     assert all(student[j]["source"] == solution[j]["source"] for j in other)
+
+
+def test_the_workspace_copies_the_notebooks_and_never_overwrites_a_learners_file(tmp_path, capsys):
+    from deqlite.classroom.__main__ import main
+    work = tmp_path / "work"
+    assert main(["workspace", str(work)]) == 0
+    names = [p.name for p in SOLUTIONS]
+    assert sorted(p.name for p in work.glob("*.ipynb")) == names
+    assert sorted(p.name for p in (work / "solutions").glob("*.ipynb")) == names
+    assert (work / names[0]).read_text() == (classroom.STUDENT / names[0]).read_text()
+    mine = work / names[0]
+    mine.write_text("my own work")                       # the learner edits a notebook ...
+    (work / "solutions" / names[1]).unlink()             # ... and deletes a solution
+    assert main(["workspace", str(work)]) == 0
+    assert mine.read_text() == "my own work"             # kept as it is
+    assert (work / "solutions" / names[1]).exists()      # the missing one comes back
+    assert "Copied 1 new notebook(s); kept " in capsys.readouterr().out

@@ -48,7 +48,7 @@ def test_torchrun_two_processes_step_like_one_process_on_the_global_batch(tmp_pa
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("test accuracy") == 1 and "2 process(es)" in run.stdout   # rank 0 prints
 
-    config = cli._merge(load_preset("mnist"), cli._parse_set(sets))
+    config = load_preset("mnist", sets)
     single = Trainer(config)
     initial = {k: v.clone() for k, v in single.model.state_dict().items()}
     single.fit(progress=False)

@@ -14,6 +14,7 @@ from deqlite import DEQ, spectral_rescale_
 from deqlite.models import MODELS
 from deqlite.train import PRESETS, Trainer, TrainConfig, deq_hooks, load_preset, read_log
 from deqlite.train import __main__ as cli
+from deqlite.train.configs import merge, parse_overrides
 
 
 def tiny_config(tmp_path, **overrides):
@@ -104,6 +105,13 @@ def test_config_errors():
     for name in PRESETS:                                   # every preset is a valid config
         TrainConfig.from_dict(load_preset(name))
     assert load_preset("mnist_jr")["jac_reg_weight"] > 0
+    tuned = load_preset("mnist", ["epochs=2", "model_options.hidden=8", "optimizer=sgd",
+                                  'model_options.deq={"tol": 0.01}'])
+    assert (tuned["epochs"], tuned["optimizer"], tuned["model_options"]["hidden"]) == (2, "sgd", 8)
+    deq = tuned["model_options"]["deq"]                # a dict value merges into the preset's
+    assert deq["tol"] == 0.01 and deq["solver"] == "anderson" and tuned["model_options"]["channels"] == 16
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        load_preset("mnist", ["epochs"])
 
 
 def test_command_line_runs_a_preset_with_overrides(tmp_path, capsys):
@@ -420,7 +428,8 @@ def test_two_processes_train_a_language_model_like_one(tmp_path, stand_in_lm):
 
 def test_command_line_reports_the_validation_score(tmp_path, stand_in_lm, monkeypatch, capsys):
     preset = lm_config(tmp_path, max_steps=4, eval_every=0, limit_test=300, eval_jacobian_samples=0)
-    monkeypatch.setattr(cli, "load_preset", lambda name: dict(preset))
+    monkeypatch.setattr(cli, "load_preset",
+                        lambda name, overrides=(): merge(dict(preset), parse_overrides(overrides)))
     cli.main(["--config", "lm", "--set", "seq_len=16", "--log", str(tmp_path / "cli.jsonl")])
     out = capsys.readouterr().out
     assert "validation loss" in out and "bits/token" in out and "perplexity" in out
