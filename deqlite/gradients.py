@@ -19,8 +19,9 @@ when the spectral radius ρ(J) is well below 1 and degrade as it approaches 1 (n
 * ``JFB`` (Jacobian-free backprop; Fung et al., AAAI 2022): g = ∂ℓ/∂z*, i.e. backpropagate through
   the single application z = f(z*, x): ∂ℓ/∂θ ≈ (∂ℓ/∂z*)ᵀ ∂f(z*, x)/∂θ. No adjoint solve.
 * ``Neumann(k)``: the first k terms of (I − Jᵀ)⁻¹ = Σ_i (Jᵀ)ⁱ, g = Σ_{i<k} (Jᵀ)ⁱ ∂ℓ/∂z* (k − 1
-  vector–Jacobian products in IFT's hook). Its error Σ_{i≥k} (Jᵀ)ⁱ ∂ℓ/∂z* has size ~ρᵏ/(1 − ρ).
-  k = 1 is JFB; k → ∞ is IFT when ρ(J) < 1.
+  vector–Jacobian products in IFT's hook). Its error Σ_{i≥k} (Jᵀ)ⁱ ∂ℓ/∂z* shrinks asymptotically
+  like ρ(J)ᵏ; its norm is at most ‖J‖ᵏ ‖∂ℓ/∂z*‖ / (1 − ‖J‖) when ‖J‖ < 1 (a bound needs a norm:
+  for a non-normal J, ‖J‖ can be well above ρ(J)). k = 1 is JFB; k → ∞ is IFT when ρ(J) < 1.
 * ``Phantom(k, τ)`` (unrolling-based phantom gradient; Geng et al., NeurIPS 2021): from z₀ = z*
   (detached) take k damped steps with a graph,  z_{j+1} = (1 − τ) z_j + τ f(z_j, x),  output z_k,
   and backpropagate through them. At z* this is ∂ℓ/∂θ ≈ (∂ℓ/∂z*)ᵀ A ∂f/∂θ with

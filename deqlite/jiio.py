@@ -36,9 +36,11 @@ Neither the equilibrium nor the adjoint is solved exactly while x still moves, w
 saving comes from. Convergence is judged per sample on the three KKT residuals (see ``jiio``).
 
 Training with JIIO inside the loop (a decoder with latent optimization and no encoder): the outer
-gradient is taken at (z*, x*) with x* detached (by the envelope theorem ∂ℓ/∂x* ≈ 0 there), through
-``attach(deq, result)``: one application of f with a graph, whose backward solves the adjoint
-warm-started from μ*, which already solves it.
+gradient of Φ(θ) = min_x ℓ(z*(x, θ), x) is taken at (z*, x*) with x* detached. By the envelope
+theorem dΦ/dθ = ∂ℓ(z*(x*, θ), x*)/∂θ, because the term through x* is (dx*/dθ)ᵀ times the *total*
+derivative J_xᵀμ + ∇_xℓ, which stationarity makes 0 at x* (≈ 0 when JIIO stopped at its
+tolerance). ``attach(deq, result)`` gives that gradient: one application of f with a graph, whose
+backward solves the adjoint warm-started from μ*, which already solves it.
 """
 from __future__ import annotations
 

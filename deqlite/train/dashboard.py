@@ -118,7 +118,7 @@ class RunComparison(LiveFigure):
             ax.grid(True, alpha=0.3)
         for i, label in enumerate(self.labels):             # legend entries, one per label
             axes[0].plot([], [], color=f"C{i}", label=label)
-        axes[0].legend(loc="best", fontsize=8)
+        axes[0].legend(loc="best", fontsize=9)
         if title:
             fig.suptitle(title)
         fig.tight_layout()
