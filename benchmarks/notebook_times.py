@@ -6,6 +6,7 @@ notebook takes longer than the budget.
     .venv/bin/python benchmarks/notebook_times.py                 # every notebook, ~20 minutes
     .venv/bin/python benchmarks/notebook_times.py --fast          # also the DEQLITE_FAST=1 times
     .venv/bin/python benchmarks/notebook_times.py 07 08           # only some (no files written)
+    .venv/bin/python benchmarks/notebook_times.py --save /tmp/run # keep the executed notebooks
 
 The notebooks execute in notebooks/ (their `runs/` folders appear there, git-ignored), through
 nbclient, with the kernel the notebooks name. Run it on an otherwise idle machine: the load
@@ -34,8 +35,9 @@ BEGIN, END = "<!-- notebook-times: begin -->", "<!-- notebook-times: end -->"
 BUDGET = 180.0                       # seconds, default mode, on a 2-core CPU
 
 
-def run(path: Path, fast: bool) -> tuple[float, float, int]:
-    """(total seconds, seconds of the slowest cell, its index) of one top-to-bottom run."""
+def run(path: Path, fast: bool, save: Path | None = None) -> tuple[float, float, int]:
+    """(total seconds, seconds of the slowest cell, its index) of one top-to-bottom run; the
+    executed notebook is written into the folder `save` if given."""
     nb = nbformat.read(path, as_version=4)
     env_fast = os.environ.pop("DEQLITE_FAST", None)
     if fast:
@@ -49,6 +51,9 @@ def run(path: Path, fast: bool) -> tuple[float, float, int]:
         os.environ.pop("DEQLITE_FAST", None)
         if env_fast is not None:
             os.environ["DEQLITE_FAST"] = env_fast
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, save / (path.stem + (".fast" if fast else "") + path.suffix))
     slowest, where = 0.0, -1
     for i, cell in enumerate(nb.cells):
         timing = cell.get("metadata", {}).get("execution", {})
@@ -90,6 +95,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("only", nargs="*", help="notebook numbers, e.g. 07 08 (default: all)")
     parser.add_argument("--fast", action="store_true", help="also time DEQLITE_FAST=1 runs")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="write the executed notebooks into this folder (to read their outputs)")
     args = parser.parse_args(argv)
     paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     if args.only:
@@ -99,8 +106,8 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     rows = []
     for path in paths:
-        default, slow, cell = run(path, fast=False)
-        fast_time = run(path, fast=True)[0] if args.fast else None
+        default, slow, cell = run(path, fast=False, save=args.save)
+        fast_time = run(path, fast=True, save=args.save)[0] if args.fast else None
         rows.append((path.name, default, slow, cell, fast_time))
         print(f"{path.name}: {default:.0f} s (slowest cell {cell}: {slow:.0f} s)"
               + (f", fast mode {fast_time:.0f} s" if args.fast else ""), flush=True)
