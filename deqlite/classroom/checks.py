@@ -80,23 +80,42 @@ def exercise(check: Callable) -> Callable:
 
     @functools.wraps(check)
     def run(fn: Callable) -> Callable:
+        VERDICTS[name] = False
         try:
             check(fn)
         except NotWrittenYet as e:
             print(f"… {e}\n  Until then, the rest of this notebook uses deqlite's reference "
                   f"implementation (deqlite.classroom.references.{name}).")
             return reference
+        VERDICTS[name] = True
         return fn
 
     run.reference = reference
     return run
 
 
+VERDICTS: dict[str, bool] = {}
+"""Exercise name → whether the student's own function passed its check last time it was run."""
+
+
+def graded(name: str) -> None:
+    """The autograder's test for exercise ``name`` (a hidden test in the nbgrader cell after the
+    check): passes only if the student's *own* function passed the check, not when the check handed
+    back deqlite's reference because the exercise was not written yet."""
+    lookup(_exercise_names(), name, "exercise")
+    if not VERDICTS.get(name):
+        raise CheckFailed(f"{name}: no points yet: the exercise is not written, or its check did "
+                          f"not pass (run the check cell above to see why).")
+
+
+def _exercise_names() -> list[str]:
+    return [n.removeprefix("check_") for n, v in globals().items()
+            if n.startswith("check_") and hasattr(v, "reference")]
+
+
 def reference(name: str) -> Callable:
     """deqlite's reference implementation of the exercise ``name`` (e.g. "anderson")."""
-    names = [n.removeprefix("check_") for n, v in globals().items()
-             if n.startswith("check_") and hasattr(v, "reference")]
-    return lookup({n: getattr(references, n) for n in names}, name, "exercise")
+    return lookup({n: getattr(references, n) for n in _exercise_names()}, name, "exercise")
 
 
 def _tanh_problem(seed: int, batch: int = 4, d_in: int = 3, d: int = 6, scale: float = 0.7):
