@@ -1101,3 +1101,14 @@ def check_data_parallel_gradient(fn: Callable) -> bool:
                            f"{world})", hint, rtol=1e-8, atol=1e-11)
     return _passed("data_parallel_gradient", "the averaged shard gradients equal the whole "
                    "batch's gradient, for 2, 3 and 4 processes")
+
+
+# ---------------------------------------------------------------- drafts (merged above before landing)
+for _draft in ("02", "03", "04", "05", "06", "07", "09"):
+    try:
+        _module = __import__(f"deqlite.classroom._draft_{_draft}", fromlist=["*"])
+    except ModuleNotFoundError as _e:
+        if _e.name != f"deqlite.classroom._draft_{_draft}":
+            raise
+        continue
+    globals().update({_n: getattr(_module, _n) for _n in dir(_module) if _n.startswith("check_")})
