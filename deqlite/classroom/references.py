@@ -8,10 +8,12 @@ its own check (``tests/test_checks.py``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ..gradients import neumann_series
+from ..gradients import neumann_series, Phantom
 from ..jacobian import hutchinson_frobenius
 from ..jiio import augmented_map as jiio_augmented_map
 from ..models import count_parameters as deqlite_count_parameters
@@ -152,6 +154,39 @@ def power_method(matvec, v0, n_iter):
     return abs(float(v @ matvec(v)))
 
 
+def hutchinson_variance(J, kind, n_probes):
+    """The variance of the Hutchinson estimate (1/(M d)) Σ_m ‖v_mᵀ J‖² of ‖J‖²_F / d from M
+    independent probes, one value per sample, for Jacobians J of shape (batch, d, d).
+
+    With A = J Jᵀ (symmetric), one probe's estimate is vᵀ A v / d and
+    vᵀ A v = Σ_i A_ii v_i² + 2 Σ_{i<j} A_ij v_i v_j, a sum of uncorrelated terms. Gaussian probes:
+    Var(v_i²) = 2 and Var(v_i v_j) = 1, so Var(vᵀAv) = 2 Σ_i A_ii² + 4 Σ_{i<j} A_ij² = 2‖A‖²_F.
+    Rademacher probes (±1): v_i² = 1 does not fluctuate, so only the off-diagonal part is left,
+    2(‖A‖²_F − Σ_i A_ii²). Dividing the estimate by d divides its variance by d², and the mean of
+    M independent estimates has 1/M of the variance of one."""
+    d = J.shape[-1]
+    A = J @ J.transpose(-2, -1)
+    spread = A.square().sum((-2, -1))
+    if kind == "rademacher":
+        spread = spread - A.diagonal(dim1=-2, dim2=-1).square().sum(-1)
+    return 2 * spread / (d * d * n_probes)
+
+
+def jr_loss(cell, z_star, injection, task_loss, gamma, probes):
+    """The Jacobian-regularized loss of one training step (Bai, Koltun, Kolter, ICML 2021):
+
+        L = task_loss + γ · (1/B) Σ_b ‖J_f(z*_b)‖²_F / d,
+
+    each sample's ‖J‖²_F / d estimated by Hutchinson from the given probes (M, B, d), with z*
+    held fixed: one application f_z = cell(z, injection) at a fresh leaf copy z of z*, so that
+    the penalty's gradient reaches the cell's weights and, through the injection, the layers
+    before it, but not whatever computed z*. The batch mean is ``DEQ.jac_loss``'s convention
+    (and that of a mean task loss): the weight γ does not depend on the batch size."""
+    z = z_star.detach().requires_grad_()
+    f_z = cell(z, injection)
+    return task_loss + gamma * hutchinson_frobenius(f_z, z, probes=probes, create_graph=True).mean()
+
+
 # ---------------------------------------------------------------- notebook 06
 
 def fuse_two(b0, b1, down, up):
@@ -202,6 +237,31 @@ def neumann_adjoint(vjp, grad, k):
     """Σ_{i<k} (Jᵀ)ⁱ grad with vjp(y) = Jᵀ y: k − 1 vector–Jacobian products
     (``deqlite.gradients.neumann_series``, the rule behind ``DEQ(backward="neumann")``)."""
     return neumann_series(vjp, grad, k)[0]
+
+
+def phantom(f, z_star, x, k, tau):
+    """z_k after k damped steps z_{j+1} = (1 − τ) z_j + τ f(z_j, x) from z_0 = z* (detached, so
+    no gradient flows back into the solver), recorded by autograd: k evaluations of f.
+    Backpropagating through z_k gives the unrolling-based phantom gradient (Geng et al., NeurIPS
+    2021); at a fixed point, dz_k/dθ = τ Σ_{j<k} ((1 − τ) I + τ J)ʲ ∂f/∂θ, and k = 1, τ = 1 is JFB
+    (``deqlite.gradients.Phantom``, the rule behind ``DEQ(backward="phantom")``)."""
+    return Phantom(k=k, tau=tau).attach(z_star, lambda z: f(z, x))
+
+
+
+
+def neumann_terms_needed(rho, tol):
+    """The fewest terms k ≥ 1 of the Neumann series g_k = Σ_{i<k} (Jᵀ)ⁱ v for which the adjoint's
+    relative error ‖g_k − g‖ / ‖g‖ is at most ``tol`` whatever v is, for a normal J with spectral
+    radius ρ (0 < ρ < 1). The dropped tail is Σ_{i≥k} (Jᵀ)ⁱ v = (Jᵀ)ᵏ g, and for a normal J
+    ‖(Jᵀ)ᵏ‖ = ρᵏ (reached when g lies along the eigenvector of the largest |λ|), so k is the
+    smallest integer with ρᵏ ≤ tol: ⌈log tol / log ρ⌉, and at least 1."""
+    k = max(1, math.ceil(math.log(tol) / math.log(rho)))
+    while rho ** k > tol:                      # guard the rounding of the logarithms
+        k += 1
+    while k > 1 and rho ** (k - 1) <= tol:
+        k -= 1
+    return k
 
 
 # ---------------------------------------------------------------- notebook 10

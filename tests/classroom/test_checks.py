@@ -1,7 +1,9 @@
 """The exercise checks accept correct answers and reject typical wrong ones with useful feedback."""
 import functools
+import importlib
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -739,9 +741,19 @@ def test_a_planted_mistake_is_rejected_with_a_message_that_names_it(name, i):
         checks.graded(name)
 
 
+def all_cases() -> dict:
+    """This module's CASES and those of the per-notebook modules test_checks_nbNN.py."""
+    cases = dict(CASES)
+    for path in sorted(Path(__file__).parent.glob("test_checks_nb*.py")):
+        module = importlib.import_module(path.stem)
+        cases |= getattr(module, f"CASES_{path.stem[-2:]}")
+    return cases
+
+
 def test_every_exercise_has_six_planted_mistakes_and_two_correct_answers():
-    assert set(CASES) == set(EXERCISES)
-    short = {name: (len(rights), len(wrongs)) for name, (_, rights, wrongs) in CASES.items()
+    cases = all_cases()
+    assert set(cases) == set(EXERCISES)
+    short = {name: (len(rights), len(wrongs)) for name, (_, rights, wrongs) in cases.items()
              if len(rights) < 2 or len(wrongs) < (3 if name in NOT_ABOUT_DEQS else 6)}
     assert short == {}
 

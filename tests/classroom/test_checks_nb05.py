@@ -224,7 +224,7 @@ def test_the_variance_prediction_matches_sampled_estimates():
     g = torch.Generator().manual_seed(5)
     J = torch.randn(3, 6, 6, generator=g, dtype=torch.float64) * 0.4
     for kind in ("gaussian", "rademacher"):
-        from deqlite.classroom._draft_05 import _sampled_variance
+        from deqlite.classroom.checks.nb05 import _sampled_variance
         sampled = _sampled_variance(J, kind, 3, 60000, seed=2)
         assert torch.allclose(references.hutchinson_variance(J, kind, 3), sampled, rtol=0.05)
 

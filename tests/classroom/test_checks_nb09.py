@@ -225,7 +225,7 @@ def test_phantom_reference_is_deqlites_phantom_rule_and_the_formula_at_the_fixed
 
 
 def test_neumann_terms_needed_reference_is_what_the_series_needs_on_a_normal_jacobian():
-    from deqlite.classroom._draft_09 import _neumann_errors, _normal_jacobian
+    from deqlite.classroom.checks.nb09 import _neumann_errors, _normal_jacobian
     for seed, (rho, tol) in enumerate([(0.5, 1e-3), (0.85, 1e-2), (0.95, 1e-4), (0.3, 0.5)]):
         J, top = _normal_jacobian(seed, rho)
         assert torch.allclose(J @ J.T, J.T @ J, atol=1e-12)          # normal
