@@ -91,6 +91,48 @@ def anderson_weights(G):
     return y / y.sum()
 
 
+def iterations_to_tol(rho, tol):
+    """How many forward iterations z ← f(z) a contraction with rate ρ needs before its residual
+    ‖f(z) − z‖ is at most tol times the first one: each iteration multiplies the residual by ρ
+    (at most; exactly for a map z ↦ ρ Q z + c with Q orthogonal), so after k of them it is ρᵏ
+    times the first, and the answer is the smallest whole k with ρᵏ ≤ tol,
+
+        k = ⌈ln tol / ln ρ⌉        (0 < ρ < 1, 0 < tol < 1; both logarithms are negative).
+
+    For ρ close to 1, ln ρ ≈ −(1 − ρ) gives the rule of thumb k ≈ ln(1/tol) / (1 − ρ)."""
+    return math.ceil(math.log(tol) / math.log(rho))
+
+
+def broyden_update(B, dz, dg):
+    """The "good" Broyden update of a batch of inverse-Jacobian estimates B ≈ J_g⁻¹, shape
+    (batch, D, D), from one step dz = Δz and the change of the residual dg = Δg = g(z_new) − g(z),
+    shapes (batch, D), one per sample (g(z) = f(z) − z):
+
+        B_new = B + (Δz − B Δg) (Δzᵀ B) / (Δzᵀ B Δg).
+
+    B_new Δg = B Δg + (Δz − B Δg) · 1 = Δz: the secant condition. The change is rank one, and by
+    the Sherman–Morrison formula B_new⁻¹ is the Jacobian estimate B⁻¹ changed as little as
+    possible (in Frobenius norm) to map Δz to Δg (Broyden 1965). A sample whose denominator
+    Δzᵀ B Δg is zero (Δz = 0: a sample that has stopped moving) or not finite keeps its B, as in
+    ``deqlite.solvers.broyden``. Returns a new tensor; B is not changed."""
+    B_dg = (B @ dg[..., None])[..., 0]                          # B Δg       (batch, D)
+    dzT_B = (dz[:, None, :] @ B)[:, 0]                          # Δzᵀ B      (batch, D)
+    denom = (dzT_B * dg).sum(-1)                                # Δzᵀ B Δg   (batch,)
+    ok = (denom.abs() > torch.finfo(B.dtype).tiny) & torch.isfinite(denom)
+    safe = torch.where(ok, denom, torch.ones_like(denom))
+    change = (dz - B_dg)[:, :, None] * dzT_B[:, None, :] / safe[:, None, None]
+    return B + torch.where(ok[:, None, None], change, torch.zeros_like(change))
+
+
+def anderson_fixed(f, z0, tol=1e-6, max_iter=100, m=5, lam=1e-4):
+    """Notebook 02's ``anderson_with_a_bug``, fixed. Its weights were normalized by the sum of
+    *all* the batch's y (``y / y.sum()``), so Σα = 1 held for the batch as a whole, not for each
+    sample: with one sample that is the same thing, with a batch every α is about 1/batch too
+    small and the iteration stalls. Normalized per sample, y / y.sum(dim=1, keepdim=True), it is
+    Anderson acceleration (``anderson`` above, with the scaled ridge λ s)."""
+    return anderson(f, z0, tol=tol, max_iter=max_iter, m=m, lam=lam)
+
+
 # ---------------------------------------------------------------- notebook 03
 
 def adjoint_solve(vjp, grad, tol=1e-10, max_iter=500):

@@ -345,6 +345,6 @@ def test_the_notebooks_buggy_anderson_is_the_checks():
     W, U, b, x = checks._tanh_problem(3, batch=3, d=5, scale=0.9)
     f = lambda z: torch.tanh(z @ W.T + x @ U.T + b)  # noqa: E731
     z0 = torch.zeros(3, 5, dtype=torch.float64)
-    from deqlite.classroom._draft_02 import _anderson_with_a_bug
+    from deqlite.classroom.checks.nb02 import _anderson_with_a_bug
     assert namespace["anderson_with_a_bug"](f, z0, 1e-10, 20, 3)[1] == \
         _anderson_with_a_bug(f, z0, 1e-10, 20, 3)[1]
