@@ -651,6 +651,15 @@ def data_parallel_gradient_with_backward(model, x, y, world):
     return out
 
 
+def data_parallel_gradient_whole_batch(model, x, y, world):
+    """The model run once on the whole batch, the loss split into shards: right without
+    batch-coupled layers, wrong with BatchNorm (DDP normalizes each shard by itself)."""
+    params, logits = list(model.parameters()), model(x)
+    losses = [F.cross_entropy(l_r, y_r) for l_r, y_r in zip(logits.tensor_split(world),
+                                                             y.tensor_split(world))]
+    return list(torch.autograd.grad(sum(losses) / world, params))
+
+
 def data_parallel_gradient_stepping(model, x, y, world):
     """Right gradients, but it also takes an SGD step: it changes the weights."""
     grads = data_parallel_gradient(model, x, y, world)
@@ -698,7 +707,8 @@ CASES |= {
     ], [
         (lambda m, x, y, w: data_parallel_gradient(m, x, y, w, average=False), "too large"),
         (lambda m, x, y, w: data_parallel_gradient(m, x, y, w, mean_loss=False), "entries are off"),
-        (lambda m, x, y, w: data_parallel_gradient(m, x, y, w, one_shard=True), "too small|off"),
+        (lambda m, x, y, w: data_parallel_gradient(m, x, y, w, one_shard=True), "one shard's gradient only"),
+        (data_parallel_gradient_whole_batch, "the model run once on x"),
         (data_parallel_gradient_stepping, "changed the parameters of `model`"),
         (lambda m, x, y, w: data_parallel_gradient(m, x, y, w)[:-1], "one gradient per parameter"),
         (data_parallel_gradient_leaves_grad, "changed the parameters' .grad"),

@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ...models import DEQClassifier
 from ._harness import DT, CheckFailed, _call, _compare, _passed, exercise
@@ -54,10 +55,49 @@ def check_data_parallel_gradient(fn: Callable) -> bool:
             hint = ("Your gradients are world_size times too large: DDP *averages* the processes' "
                     "gradients (all-reduce, then divide by world_size); it does not sum them.")
         elif abs(ratio * world - 1) < 1e-6:
-            hint = ("Your gradients are world_size times too small: either you divided a shard's "
-                    "gradient by world_size twice, or you took only one shard's gradient.")
+            hint = ("Your gradients are world_size times too small: you divided a shard's "
+                    "gradient by world_size twice.")
+        first = torch.autograd.grad(F.cross_entropy(model(x[:batch // world]), y[:batch // world]),
+                                    list(model.parameters()))
+        if all(isinstance(a, torch.Tensor) and a.shape == b.shape and
+               (torch.allclose(a.to(DT), b) or torch.allclose(a.to(DT) * world, b))
+               for a, b in zip(got, first)):
+            hint = ("That is one shard's gradient only (rank 0's): every process computes its "
+                    "shard's gradient, and the all-reduce averages all world_size of them.")
         for i, (a, b) in enumerate(zip(got, expected)):
             _compare(a, b, f"data_parallel_gradient, parameter {i} (batch {batch}, world_size "
                            f"{world})", hint, rtol=1e-8, atol=1e-11)
+    _check_batch_coupled(fn)
     return _passed("data_parallel_gradient", "the averaged shard gradients equal the whole "
-                   "batch's gradient, for 2, 3 and 4 processes")
+                   "batch's gradient, for 2, 3 and 4 processes; with BatchNorm, each shard's own")
+
+
+def _check_batch_coupled(fn: Callable) -> None:
+    """With BatchNorm (training mode) a sample's output depends on the others in its batch, so
+    the shards' gradients are *not* the whole batch's: each process normalizes with its own
+    shard's statistics. Running the model once on the whole batch and splitting afterwards gives
+    the single-process gradient, not DDP's."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Tanh(),
+                          nn.Linear(8, 4)).double()
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.rand(12, 1, 8, 8, generator=g, dtype=DT), torch.randint(0, 4, (12,), generator=g)
+    params, world = list(model.parameters()), 3
+    shards = list(zip(x.tensor_split(world), y.tensor_split(world)))
+    per_shard = [torch.autograd.grad(F.cross_entropy(model(x_r), y_r), params) for x_r, y_r in shards]
+    expected = [sum(gs) / world for gs in zip(*per_shard)]
+    whole = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    got = _call(fn, "data_parallel_gradient", model, x.clone(), y.clone(), world)
+    if not isinstance(got, (list, tuple)) or len(got) != len(expected):
+        raise CheckFailed("data_parallel_gradient on a model with BatchNorm should return one "
+                          "gradient per parameter.")
+    hint = ("Each process runs *its own shard* through the model (model(x_r)): with BatchNorm the "
+            "statistics are the shard's, so the result differs from the whole batch's gradient.")
+    if all(isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a.to(DT), b)
+           for a, b in zip(got, whole)):
+        hint = ("That is the gradient of one process on the whole batch (the model run once on x, "
+                "then split): with BatchNorm DDP's processes normalize each shard by its own "
+                "statistics. " + hint)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        _compare(a, b, f"data_parallel_gradient with BatchNorm, parameter {i} (batch 12, world_size "
+                       f"3)", hint, rtol=1e-8, atol=1e-11)
