@@ -136,11 +136,12 @@ def anderson_fixed(f, z0, tol=1e-6, max_iter=100, m=5, lam=1e-4):
 # ---------------------------------------------------------------- notebook 03
 
 def adjoint_solve(vjp, grad, tol=1e-10, max_iter=500):
-    """g with g = Jᵀ g + grad, by iterating g ← vjp(g) + grad from g = grad."""
-    g = grad
+    """g with g = Jᵀ g + grad, by iterating g ← vjp(g) + grad from g = 0 until
+    ‖g_new − g‖ ≤ tol · ‖g_new‖ (at most max_iter products)."""
+    g = torch.zeros_like(grad)
     for _ in range(max_iter):
         g_new = vjp(g) + grad
-        if (g_new - g).norm() <= tol:
+        if (g_new - g).norm() <= tol * g_new.norm():
             return g_new
         g = g_new
     return g
@@ -150,6 +151,39 @@ def linear_deq_grad(W, b, dl_dz):
     """∂ℓ/∂b = (I − W)⁻ᵀ ∂ℓ/∂z* for z* = W z* + b (rows)."""
     eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
     return torch.linalg.solve(eye - W.T, dl_dz.T).T
+
+
+def attach_ift(f, z_star, x, tol=1e-10, max_iter=500):
+    """z = f(z*, x) with a graph to x and to f's parameters, and a hook on z that replaces the
+    incoming ∂ℓ/∂z by the adjoint u = Jᵀ u + ∂ℓ/∂z (J = ∂f/∂z at z*), solved by
+    ``adjoint_solve`` with the products y ↦ Jᵀ y taken through one more application
+    f0 = f(z0, x), z0 = z*.detach().requires_grad_(). Autograd then carries u through z's one
+    step: uᵀ ∂f/∂θ and uᵀ ∂f/∂x, the implicit function theorem's gradient. Two applications of
+    f in all, none during backward; z* itself (and any graph it carries) is left alone."""
+    z_star = z_star.detach()                       # no path back into the solver's iterations
+    z = f(z_star, x)                               # value f(z*, x), one step with a graph
+    z0 = z_star.clone().requires_grad_()           # f as a function of z alone, at z*
+    f0 = f(z0, x)
+
+    def vjp(y):
+        return torch.autograd.grad(f0, z0, y, retain_graph=True)[0]   # Jᵀ y, the graph kept
+
+    def replace_by_adjoint(grad):                  # ∂ℓ/∂z  ↦  u = Jᵀ u + ∂ℓ/∂z
+        return adjoint_solve(vjp, grad, tol=tol, max_iter=max_iter)
+
+    z.register_hook(replace_by_adjoint)
+    return z
+
+
+def adjoint_error_bound(tol, lipschitz):
+    """The adjoint iteration g ← Jᵀ g + grad stops at the first g_new with
+    ‖g_new − g‖ ≤ tol · ‖g_new‖ and returns g_new. The exact adjoint g* = Jᵀ g* + grad gives
+    g_new − g* = Jᵀ (g − g*), so (I − Jᵀ)(g_new − g*) = Jᵀ (g − g_new) and, with ‖J‖₂ ≤ L < 1,
+    ‖g_new − g*‖ ≤ L/(1 − L) · ‖g_new − g‖ ≤ tol · L/(1 − L) · ‖g_new‖. J = L·I attains it. For
+    L ≥ 1 no finite bound exists (J = I has no adjoint at all): math.inf."""
+    if lipschitz >= 1:
+        return math.inf
+    return tol * lipschitz / (1 - lipschitz)
 
 
 # ---------------------------------------------------------------- notebook 04
