@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..cells import ResidualBlock
 from ..gradients import neumann_series, Phantom
 from ..jacobian import hutchinson_frobenius
 from ..jiio import augmented_map as jiio_augmented_map
@@ -278,6 +279,35 @@ def state_numel(channels, height, width):
         total += c * height * width
         height, width = -(-height // 2), -(-width // 2)
     return total
+
+
+def conv_block(channels, expansion, groups):
+    """MDEQ's residual block on (batch, C, H, W) feature maps, C = ``channels``, as a module whose
+    ``forward(z, injection, mask=None)`` is one application of the weight-tied layer
+
+        y = ReLU(GN₁(conv₁ z))            conv₁: 3×3, C → e·C channels (e = expansion), no bias
+        y = GN₂(m ⊙ conv₂ y + u)          conv₂: 3×3, e·C → C, no bias; u: the injection,
+                                          m: a dropout mask (batch, C, 1, 1), 1 when None
+        f = GN₃(ReLU(y + z))              the residual connection, then a normalization
+
+    with GroupNorms of ``groups`` groups (each sample normalized on its own, so a sample's output
+    does not depend on its batch mates). Its submodules are ``conv1, norm1, conv2, norm2, norm3``:
+    it is deqlite's ``ResidualBlock`` without weight normalization."""
+    return ResidualBlock(channels, expansion=expansion, groups=groups, weight_norm=False)
+
+
+def dropout_map(block, u, p):
+    """The map f(z) = block(z, u, m) of one solve with variational dropout (Gal & Ghahramani 2016,
+    as in MDEQ): ONE mask m, drawn here, once for this input, of shape (batch, channels, 1, 1)
+    (whole channels, a draw per sample), with u's dtype and device,
+
+        m[n, c] = 0 with probability p,  1/(1 − p) otherwise       (so E[m] = 1),
+
+    and the same m at every call of f. f is then one fixed map, whose fixed point a solver can
+    approach; a mask drawn inside f would change the map at every iteration."""
+    keep = torch.full((u.shape[0], u.shape[1], 1, 1), 1 - p, dtype=u.dtype, device=u.device)
+    m = torch.bernoulli(keep) / (1 - p)
+    return lambda z: block(z, u, m)
 
 
 # ---------------------------------------------------------------- notebook 07

@@ -47,7 +47,7 @@ from . import nb02 as _nb02  # noqa: E402
 globals().update({_n: getattr(_h, _n) for _n in dir(_h) if _n.startswith("_") and not _n.startswith("__")})
 globals().update({_n: getattr(_nb02, _n) for _n in ("_check_solver", "_solver_problems", "_solver_out",
                                                      "_no_fixed_point", "_residual")})
-for _draft in ("04", "06", "07"):
+for _draft in ("04", "07"):
     try:
         _module = __import__(f"deqlite.classroom._draft_{_draft}", fromlist=["*"])
     except ModuleNotFoundError as _e:
