@@ -4,9 +4,10 @@ nbgrader grades a notebook by the metadata on its cells (``cell.metadata.nbgrade
 version 3), which an instructor would otherwise set by hand in nbgrader's "Create Assignment"
 toolbar. Our notebooks follow one pattern, so the metadata can be derived from their text:
 
-* an **exercise** is a code cell whose function body holds a solution between
-  ``### BEGIN SOLUTION`` and ``### END SOLUTION``; it becomes an *autograded answer* cell
-  (``solution: true``), with grade_id the function's name, e.g. ``anderson``;
+* an **exercise** is a code cell defining a function (or a class) with a solution between
+  ``### BEGIN SOLUTION`` and ``### END SOLUTION`` in its body; its name is that of the function
+  checked further down, e.g. ``anderson``. The cell becomes an *autograded answer* cell
+  (``solution: true``), with grade_id that name;
 * its **check**, the code cell after it that calls ``checks.check_anderson(...)``, becomes an
   *autograder tests* cell (``grade: true``, read-only, worth ``POINTS.get(name, 1)`` points), with
   grade_id ``anderson-test``, and gets a hidden test after the check::
@@ -42,7 +43,7 @@ history window and constrained least squares; JIIO's three-part augmented map)."
 
 SCHEMA_VERSION = 3
 _CHECK = re.compile(r"\bchecks\.check_(\w+)\(")
-_DEF = re.compile(r"^def (\w+)\(", re.M)
+_TOP = re.compile(r"^(?:def|class) (\w+)\b", re.M)      # a top-level function or class
 _GRADE_ID = re.compile(r"^[a-zA-Z0-9_\-]+$")            # nbgrader's schema allows these only
 
 
@@ -72,31 +73,36 @@ def exercises(nb: dict, where: str = "notebook",
     """The exercises of notebook ``nb`` (notebook JSON as a dict), in order. ``where`` names the
     notebook in error messages. Raises ValueError on a solution cell without a check after it, a
     check without a solution cell before it, two exercises of one name, a cell that is both, or a
-    solution region outside a function's body or in a markdown cell."""
+    solution region outside a function's or class's body or in a markdown cell."""
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
+        raise TypeError(f"{where}: expected notebook JSON as a dict with a list of cells, got "
+                        f"{type(nb).__name__}")
     _check_points(points)
+    cells = nb["cells"]
+    checked = [set(_CHECK.findall(source(c))) if c.get("cell_type") == "code" else set()
+               for c in cells]
     answers, tests = {}, {}
-    for i, cell in enumerate(nb.get("cells", [])):
+    for i, cell in enumerate(cells):
         text, at = source(cell), f"{where}, cell {i}"
         if cell.get("cell_type") != "code":
             if BEGIN in text or HIDDEN_BEGIN in text:
                 raise ValueError(f"{at}: a solution or hidden-test marker in a {cell.get('cell_type')} "
                                  f"cell; exercises here are code cells.")
             continue
+        if len(checked[i]) > 1:
+            raise ValueError(f"{at}: checks of several exercises ({', '.join(sorted(checked[i]))}) "
+                             f"in one cell; give each check a cell of its own.")
         if BEGIN in text:
-            name = _exercise_name(text, at)
+            if checked[i]:
+                raise ValueError(f"{at}: an exercise and its check share a cell; put "
+                                 f"checks.check_{min(checked[i])}(...) in a cell after the solution.")
+            name = _exercise_name(text, set().union(*checked[i + 1:]), at)
             if name in answers:
                 raise ValueError(f"{at}: a second exercise named {name!r} (the first is cell "
                                  f"{answers[name]}); exercise names must be unique in a notebook.")
             answers[name] = i
-        checked = set(_CHECK.findall(text))
-        if len(checked) > 1:
-            raise ValueError(f"{at}: checks of several exercises ({', '.join(sorted(checked))}) in "
-                             f"one cell; give each check a cell of its own.")
-        if checked:
-            (name,) = checked
-            if answers.get(name) == i:
-                raise ValueError(f"{at}: exercise {name!r} and its check share a cell; put "
-                                 f"checks.check_{name}(...) in a cell after the solution.")
+        if checked[i]:
+            (name,) = checked[i]
             if name not in answers:
                 raise ValueError(f"{at}: checks.check_{name}(...) with no solution cell before it "
                                  f"(a code cell defining {name} with {BEGIN} in its body).")
@@ -104,11 +110,6 @@ def exercises(nb: dict, where: str = "notebook",
                 raise ValueError(f"{at}: a second check of exercise {name!r} (the first is cell "
                                  f"{tests[name]}).")
             tests[name] = i
-    unchecked = [name for name in answers if name not in tests]
-    if unchecked:
-        name = unchecked[0]
-        raise ValueError(f"{where}, cell {answers[name]}: exercise {name!r} has no check after it; "
-                         f"add a code cell `{name} = checks.check_{name}({name})`.")
     return [Exercise(name, answers[name], tests[name], points.get(name, 1)) for name in answers]
 
 
@@ -156,15 +157,25 @@ def _meta(grade_id: str, *, solution: bool = False, grade: bool = False, locked:
     return meta
 
 
-def _exercise_name(text: str, at: str) -> str:
-    """The top-level function whose body holds the cell's first solution region."""
+def _exercise_name(text: str, checked_later: set[str], at: str) -> str:
+    """The name of a solution cell's exercise: of the functions and classes the cell defines, the
+    one checked in a later cell (``checked_later``: the names of those checks)."""
     at_begin = text.index(BEGIN)
     indent = text[text.rfind("\n", 0, at_begin) + 1:at_begin]
-    names = _DEF.findall(text[:at_begin])
-    if not names or not indent or indent.strip():
+    defined = _TOP.findall(text)
+    if not defined or not indent or indent.strip():
         raise ValueError(f"{at}: {BEGIN} must sit inside the body of a top-level function "
-                         f"(`def name(...):`), whose name names the exercise.")
-    return names[-1]
+                         f"(`def name(...):`) or class, whose name names the exercise.")
+    names = [name for name in defined if name in checked_later]
+    if not names:
+        name = defined[0]
+        raise ValueError(f"{at}: exercise {name!r} has no check after it; add a code cell "
+                         f"`{name} = checks.check_{name}({name})`"
+                         + (f" (or check one of {', '.join(defined[1:])})." if defined[1:] else "."))
+    if len(names) > 1:
+        raise ValueError(f"{at}: {', '.join(names)} are each checked later: one exercise per "
+                         f"cell, please.")
+    return names[0]
 
 
 def _add_hidden_tests(cell: dict, name: str, at: str) -> None:

@@ -57,14 +57,13 @@ def with_metadata(path: Path) -> str:
 
 def write_metadata(folder: Path = SOLUTIONS) -> list[Path]:
     """Write the nbgrader metadata into every solution notebook in ``folder`` whose metadata is
-    missing or stale (the others are not touched); returns the paths written. Each file is
-    replaced in one step (a temporary file renamed over it), never left half-written."""
-    written = []
-    for path in solution_notebooks(folder):
-        text = with_metadata(path)
-        if path.read_text(encoding="utf-8") != text:
-            _replace(path, text)
-            written.append(path)
+    missing or stale (the others are not touched); returns the paths written. Nothing is written
+    unless every notebook follows the pattern (``grading.exercises`` raises ValueError otherwise),
+    and each file is replaced in one step (a temporary file renamed over it)."""
+    texts = {path: with_metadata(path) for path in solution_notebooks(folder)}
+    written = [path for path, text in texts.items() if path.read_text(encoding="utf-8") != text]
+    for path in written:
+        _replace(path, texts[path])
     return written
 
 
