@@ -37,9 +37,11 @@ from typing import Mapping
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 
-POINTS: dict[str, int] = {"anderson": 2, "augmented_map": 2}
-"""Points of the exercises worth more than the default 1 (the two with the most parts: Anderson's
-history window and constrained least squares; JIIO's three-part augmented map)."""
+POINTS: dict[str, int] = {"anderson": 2, "broyden_update": 2, "attach_ift": 2, "jr_loss": 2,
+                          "conv_block": 2, "augmented_map": 2, "phantom": 2}
+"""Points of the exercises worth more than the default 1: the mechanisms each notebook is about
+(Anderson's history and weights, Broyden's update, the IFT backward hook, the Jacobian-regularized
+loss, the conv cell, JIIO's three-part augmented map, the phantom gradient)."""
 
 SCHEMA_VERSION = 3
 _CHECK = re.compile(r"\bchecks\.check_(\w+)\(")

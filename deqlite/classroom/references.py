@@ -4,7 +4,7 @@ When a student has not written an exercise yet (its body still raises ``NotImple
 check in ``deqlite.classroom.checks`` says so and hands back the function of the same name from this module,
 so the rest of the notebook still runs. Where deqlite has the same thing built in, the reference
 calls it; the others are written the way a student would, in plain torch. Every reference passes
-its own check (``tests/test_checks.py``).
+its own check (``tests/classroom/test_checks*.py``).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from ..cells import ResidualBlock
 from ..gradients import neumann_series, Phantom
 from ..jacobian import hutchinson_frobenius
 from ..jiio import augmented_map as jiio_augmented_map
-from ..models import count_parameters as deqlite_count_parameters
 from ..projections import L2Ball
 
 
@@ -189,29 +188,42 @@ def adjoint_error_bound(tol, lipschitz):
 
 # ---------------------------------------------------------------- notebook 04
 
-def count_parameters(model):
-    """Entries of the trainable parameters (``deqlite.models.count_parameters``)."""
-    return deqlite_count_parameters(model)
+
+def deq_layer(f, z0, solver, ift, pretrain_depth=0):
+    """One DEQ layer's forward pass in training, as ``deqlite.DEQ`` runs it.
+
+    Warm-up (``pretrain_depth`` = k > 0): z_k = f(f(... f(z0))), k applications recorded by
+    autograd (a weight-tied k-layer network, backpropagated through like any other); returns
+    ``(z_k, None)``: no solve.
+
+    Otherwise: z* = solver(f, z0) with autograd off (``torch.no_grad``), so the solver's iterations
+    keep nothing for the backward pass, then ``ift.attach(z*, f)``: one application z = f(z*) with
+    a graph, whose hook replaces the incoming ∂ℓ/∂z by the adjoint g = Jᵀ g + ∂ℓ/∂z* (implicit
+    function theorem). Training memory is that of one application of f, whatever the number of
+    iterations. Returns ``(z, stats)``, the solver's ``SolverStats``.
+    """
+    if pretrain_depth:
+        z = z0
+        for _ in range(pretrain_depth):
+            z = f(z)
+        return z, None
+    with torch.no_grad():
+        z_star, stats = solver(f, z0)
+    return ift.attach(z_star, f), stats
 
 
-def train_step(model, optimizer, x, y):
-    """One cross-entropy step; returns the loss before it, as a float."""
-    optimizer.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-def nfe_by_epoch(history):
-    """{epoch: mean forward NFE of that epoch's training records}."""
-    sums, counts = {}, {}
-    for record in history:
-        if record.get("split") == "train" and record.get("fwd_nfe") is not None:
-            e = record["epoch"]
-            sums[e] = sums.get(e, 0.0) + record["fwd_nfe"]
-            counts[e] = counts.get(e, 0) + 1
-    return {e: sums[e] / counts[e] for e in sums}
+def warm_start(cache, index, cold):
+    """The starting states of a warm-started solve for a batch of samples: row r is
+    ``cache[int(index[r])]``, the equilibrium sample ``index[r]`` reached the last time it was
+    seen, if the cache holds one, else ``cold[r]`` (the cold start, zeros for a DEQ). A state near
+    the new z* (the cell has changed a little since) has a small first residual, so the solve
+    needs fewer evaluations. ``cache`` maps Python ints to one sample's state, detached; neither it
+    nor ``cold`` is changed."""
+    z0 = cold.clone()
+    for r, i in enumerate(index.tolist()):
+        if i in cache:
+            z0[r] = cache[i]
+    return z0
 
 
 # ---------------------------------------------------------------- notebook 05
@@ -312,16 +324,42 @@ def dropout_map(block, u, p):
 
 # ---------------------------------------------------------------- notebook 07
 
-def unigram_bits(counts):
-    """Entropy in bits of counts / counts.sum(), a zero count contributing nothing (float64)."""
-    p = counts[counts > 0].double()
-    p = p / p.sum()
-    return float(-(p * p.log2()).sum())
+
+def future_leak(model, tokens, t):
+    """The largest change of the logits at positions s < t (0 < t < T) when every token at
+    positions ≥ t is replaced by a different one ((token + 1) mod vocab_size), for a language model
+    ``model(tokens) -> logits`` (batch, T, vocab). Compared in eval mode (in training mode every
+    forward pass draws its own dropout masks), and the model is left in the mode it was in. For a
+    causal model it is 0; for a DEQ, the solver's tolerance sets it."""
+    changed = tokens.clone()
+    changed[:, t:] = (tokens[:, t:] + 1) % model.vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            before, after = model(tokens), model(changed)
+    finally:
+        model.train(was_training)
+    return (before[:, :t] - after[:, :t]).abs().max().item()
 
 
-def causal_attention(q, k, v):
-    """softmax(q kᵀ / √d, the future masked) v (PyTorch's fused kernel)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+def next_logits(model, tokens, z_prev=None):
+    """One step of generation with a DEQ language model, warm-started by causality: the logits
+    (batch, vocab) of the token after ``tokens`` (batch, T), and the equilibrium z* (batch, T, d),
+    detached, for the next step.
+
+    The equilibrium is causal, so the first T − 1 positions of z* for ``tokens`` are (up to the
+    solver's tolerance) the equilibrium ``z_prev`` of ``tokens[:, :-1]``, found at the previous
+    step: the solve starts there, z0 = [z_prev; 0] (only the new position starts cold), and
+    needs fewer iterations. ``z_prev=None`` (the first step) starts from zeros. The model's
+    forward, spelled out: x = embed_tokens(tokens), z* = deq(x, z0), logits = head(norm(z*))."""
+    x = model.embed_tokens(tokens)
+    z0 = None
+    if z_prev is not None:
+        z0 = torch.zeros_like(x)
+        z0[:, :z_prev.shape[1]] = z_prev
+    z = model.deq(x, z0)
+    return model.head(model.norm(z[:, -1])), z.detach()
 
 
 # ---------------------------------------------------------------- notebook 08

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from deqlite.classroom import checks, references
+from deqlite.classroom.checks import _harness
 from deqlite.classroom.checks import CheckFailed
 
 
@@ -132,23 +133,8 @@ def anderson_weights(G, normalize=True):
     return y / y.sum() if normalize else y
 
 
-def train_step(model, optimizer, x, y, zero_grad=True, step=True, softmax=False):
-    if zero_grad:
-        optimizer.zero_grad()
-    logits = model(x)
-    loss = F.cross_entropy(logits.softmax(1) if softmax else logits, y)
-    loss.backward()
-    if step:
-        optimizer.step()
-    return loss.item()
 
 
-def nfe_by_epoch(history, include_test=False):
-    groups = {}
-    for r in history:
-        if r["split"] == "train" or include_test:
-            groups.setdefault(r["epoch"], []).append(r["fwd_nfe"])
-    return {e: sum(v) / len(v) for e, v in groups.items()}
 
 
 def hutchinson(f_z, z, probes, create_graph=True, per_sample=True, normalize=True, average=True):
@@ -194,13 +180,6 @@ def state_numel(channels, h, w, round_up=True):
     return total
 
 
-def causal_attention(q, k, v, mask=True, scale=True, diagonal=0):
-    scores = q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5 if scale else 1.0)
-    if mask:
-        T = q.shape[-2]
-        future = torch.ones(T, T, dtype=torch.bool).triu(1 - diagonal)
-        scores = scores.masked_fill(future, float("-inf"))
-    return scores.softmax(-1) @ v
 
 
 def neumann_adjoint(vjp, grad, k, terms_offset=0, skip_first=False, vjp_of_sum=False):
@@ -220,11 +199,6 @@ def neumann_adjoint_horner(vjp, grad, k):
     return g
 
 
-def unigram_bits(counts, drop_zeros=True, base2=True):
-    p = counts / counts.sum()
-    if drop_zeros:
-        p = p[p > 0]
-    return float(-(p * (p.log2() if base2 else p.log())).sum())
 
 
 def project_l2_ball(x, center, radius, always_rescale=False, batch_norm=False, row_norm=False,
@@ -671,36 +645,6 @@ def data_parallel_gradient_stepping(model, x, y, world):
 
 
 CASES |= {
-    "train_step": (checks.check_train_step, [train_step, references.train_step], [
-        (lambda m, o, x, y: train_step(m, o, x, y, zero_grad=False), "zero_grad"),
-        (lambda m, o, x, y: train_step(m, o, x, y, step=False), "step"),
-        (lambda m, o, x, y: train_step(m, o, x, y, softmax=True), "raw"),
-    ]),
-    "count_parameters": (checks.check_count_parameters, [
-        lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad),
-        references.count_parameters,
-    ], [
-        (lambda m: sum(p.numel() for p in m.parameters()), "frozen"),
-        (lambda m: len(list(m.parameters())), "numel"),
-        (lambda m: sum(len(p) for p in m.parameters() if p.requires_grad), "numel"),
-    ]),
-    "nfe_by_epoch": (checks.check_nfe_by_epoch, [nfe_by_epoch, references.nfe_by_epoch], [
-        (lambda h: nfe_by_epoch(h, include_test=True), "train"),
-        (lambda h: {r["epoch"]: r["fwd_nfe"] for r in h if r["split"] == "train"}, "train"),
-        (lambda h: {e: max(r["fwd_nfe"] for r in h if r["epoch"] == e and r["split"] == "train")
-                    for e in {r["epoch"] for r in h}}, "train"),
-    ]),
-    "causal_attention": (checks.check_causal_attention, [causal_attention,
-                                                         references.causal_attention], [
-        (lambda q, k, v: causal_attention(q, k, v, mask=False), "-inf"),
-        (lambda q, k, v: causal_attention(q, k, v, scale=False), "√d"),
-        (lambda q, k, v: causal_attention(q, k, v, diagonal=1), "itself included"),
-    ]),
-    "unigram_bits": (checks.check_unigram_bits, [unigram_bits, references.unigram_bits], [
-        (lambda c: unigram_bits(c, drop_zeros=False), "count 0"),
-        (lambda c: unigram_bits(c, base2=False), "base 2"),
-        (lambda c: float(-(c * c.log2()).sum()), "normalize"),
-    ]),
     "data_parallel_gradient": (checks.check_data_parallel_gradient, [
         data_parallel_gradient, data_parallel_gradient_with_backward,
         references.data_parallel_gradient,
@@ -715,9 +659,6 @@ CASES |= {
         (lambda m, x, y, w: [g.float() for g in data_parallel_gradient(m, x, y, w)], "dtype"),
     ]),
 }
-
-# Exercises that are not about DEQs and are to be replaced by ones that are: fewer planted mistakes.
-NOT_ABOUT_DEQS = {"train_step", "count_parameters", "nfe_by_epoch", "causal_attention", "unigram_bits"}
 
 EXERCISES = sorted(name.removeprefix("check_") for name in dir(checks) if name.startswith("check_"))
 RIGHT = [(name, i) for name, (_, rights, _) in CASES.items() for i in range(len(rights))]
@@ -764,7 +705,7 @@ def test_every_exercise_has_six_planted_mistakes_and_two_correct_answers():
     cases = all_cases()
     assert set(cases) == set(EXERCISES)
     short = {name: (len(rights), len(wrongs)) for name, (_, rights, wrongs) in cases.items()
-             if len(rights) < 2 or len(wrongs) < (3 if name in NOT_ABOUT_DEQS else 6)}
+             if len(rights) < 2 or len(wrongs) < 6}
     assert short == {}
 
 
@@ -808,7 +749,7 @@ def test_the_first_failing_entry_is_shown_with_all_its_digits():
     got = expected.clone()
     got[1] += 3e-6
     with pytest.raises(CheckFailed) as info:
-        checks._compare(got, expected, "x", "", rtol=1e-7, atol=0)
+        _harness._compare(got, expected, "x", "", rtol=1e-7, atol=0)
     message = str(info.value)
     assert "1 of 3 entries are off; the first at index (1,)" in message
     assert repr(expected[1].item()) in message and repr(got[1].item()) in message

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from deqlite.classroom import checks, references
+from deqlite.classroom.checks import _harness
 from deqlite.classroom.checks import CheckFailed
 
 
@@ -342,7 +343,7 @@ def test_the_notebooks_buggy_anderson_is_the_checks():
                   if "".join(c["source"]).startswith("def anderson_with_a_bug("))
     namespace = {"torch": torch}
     exec(source, namespace)
-    W, U, b, x = checks._tanh_problem(3, batch=3, d=5, scale=0.9)
+    W, U, b, x = _harness._tanh_problem(3, batch=3, d=5, scale=0.9)
     f = lambda z: torch.tanh(z @ W.T + x @ U.T + b)  # noqa: E731
     z0 = torch.zeros(3, 5, dtype=torch.float64)
     from deqlite.classroom.checks.nb02 import _anderson_with_a_bug

@@ -40,18 +40,3 @@ from . import nb01, nb02, nb03, nb04, nb05, nb06, nb07, nb08, nb09, nb10
 # every check_<name> of the notebooks' modules, as checks.check_<name> (what the notebooks call)
 for _module in (nb01, nb02, nb03, nb04, nb05, nb06, nb07, nb08, nb09, nb10):
     globals().update({_n: getattr(_module, _n) for _n in dir(_module) if _n.startswith("check_")})
-
-# ---------------------------------------------------------------- drafts (merged before landing)
-from . import _harness as _h  # noqa: E402
-from . import nb02 as _nb02  # noqa: E402
-globals().update({_n: getattr(_h, _n) for _n in dir(_h) if _n.startswith("_") and not _n.startswith("__")})
-globals().update({_n: getattr(_nb02, _n) for _n in ("_check_solver", "_solver_problems", "_solver_out",
-                                                     "_no_fixed_point", "_residual")})
-for _draft in ("04", "07"):
-    try:
-        _module = __import__(f"deqlite.classroom._draft_{_draft}", fromlist=["*"])
-    except ModuleNotFoundError as _e:
-        if _e.name != f"deqlite.classroom._draft_{_draft}":
-            raise
-        continue
-    globals().update({_n: getattr(_module, _n) for _n in dir(_module) if _n.startswith("check_")})
