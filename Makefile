@@ -11,7 +11,7 @@ WORK   ?= work
 # JupyterLab refuses to run as root (containers) unless told it may
 ROOT_OK := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: install lab lab-instructor test test-browser student notebook-times clean
+.PHONY: install lab lab-instructor test test-nbgrader nbval test-browser student notebook-times clean
 
 install: $(STAMP)
 
@@ -32,12 +32,27 @@ lab: install
 lab-instructor: install
 	$(BIN)/jupyter lab $(ROOT_OK) notebooks/
 
-# pytest on tests/ and nbval on every notebook, solution and student versions, in fast mode
-# (DEQLITE_FAST=1). tests/test_classroom.py fails if notebooks/student/ is out of date.
+# pytest on tests/ in fast mode (DEQLITE_FAST=1), then every notebook run through nbgrader
+# (tests/classroom/test_nbgrader.py): each solution notebook and its untouched student version
+# executed top to bottom (no cell may fail but the autograder's tests of unwritten exercises, so
+# this is nbval's check too) and a third submission with one planted mistake, autograded, and the
+# gradebook's scores checked. tests/classroom/test_student.py fails if the solution notebooks'
+# nbgrader metadata or notebooks/student/ is out of date.
 test: install
-	DEQLITE_FAST=1 $(BIN)/python -m pytest tests --nbval-lax notebooks/*.ipynb notebooks/student/*.ipynb
+	DEQLITE_FAST=1 $(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -m nbgrader tests/classroom/test_nbgrader.py
 
-# The student notebooks, generated from the solution notebooks with nbgrader's ClearSolutions.
+# The round trip alone. Minutes; DEQLITE_NBGRADER_ONLY=01,09 for a subset,
+# DEQLITE_NBGRADER_WORKERS=N courses at once (default 2).
+test-nbgrader: install
+	$(BIN)/python -m pytest -m nbgrader tests/classroom/test_nbgrader.py
+
+# nbval on every notebook, solution and student versions, in fast mode.
+nbval: install
+	DEQLITE_FAST=1 $(BIN)/python -m pytest --nbval-lax notebooks/*.ipynb notebooks/student/*.ipynb
+
+# The nbgrader metadata of the solution notebooks (deqlite/classroom/grading.py), then the student
+# notebooks generated from them with nbgrader's ClearSolutions and ClearHiddenTests.
 student: install
 	$(BIN)/python -m deqlite.classroom student
 

@@ -1,0 +1,201 @@
+"""Notebook 07's exercises: correct answers pass, planted mistakes are rejected by name (draft;
+merged into test_checks.py with the checks)."""
+import re
+
+import pytest
+import torch
+
+from deqlite.classroom import checks, references
+from deqlite.classroom.checks import CheckFailed
+
+# ---- next_logits
+
+
+def next_logits(model, tokens, z_prev=None):
+    x = model.embed_tokens(tokens)
+    z0 = None
+    if z_prev is not None:
+        z0 = torch.zeros_like(x)
+        z0[:, :z_prev.shape[1]] = z_prev
+    with torch.no_grad():
+        z = model.deq(x, z0)
+    return model.head(model.norm(z[:, -1])), z
+
+
+def next_logits_cat(model, tokens, z_prev=None):
+    """The warm start concatenated; logits of every position, the last one kept."""
+    x = model.embed_tokens(tokens)
+    if z_prev is None:
+        z0 = torch.zeros_like(x)
+    else:
+        z0 = torch.cat([z_prev, torch.zeros_like(x[:, z_prev.shape[1]:])], dim=1)
+    z = model.deq(x, z0).detach()
+    return model.head(model.norm(z))[:, -1], z
+
+
+def next_logits_no_none(model, tokens, z_prev=None):
+    """Always builds the warm start, also when there is no previous step."""
+    x = model.embed_tokens(tokens)
+    z0 = torch.zeros_like(x)
+    z0[:, :z_prev.shape[1]] = z_prev
+    z = model.deq(x, z0).detach()
+    return model.head(model.norm(z[:, -1])), z
+
+
+def step(model, tokens, z_prev=None, *, warm=True, align="left", position=-1, norm=True,
+         detach=True, twice=False, zeros=torch.zeros_like):
+    """next_logits with one thing changed."""
+    x = model.embed_tokens(tokens)
+    z0 = None
+    if warm and z_prev is not None:
+        z0 = zeros(x)
+        if align == "left":
+            z0[:, :z_prev.shape[1]] = z_prev
+        else:
+            z0[:, -z_prev.shape[1]:] = z_prev
+    z = model.deq(x, z0)
+    h = model.norm(z[:, position]) if norm else z[:, position]
+    logits = model(tokens)[:, -1] if twice else model.head(h)
+    return logits, (z.detach() if detach else z)
+
+
+# ---- future_leak
+
+
+def future_leak(model, tokens, t):
+    changed = tokens.clone()
+    changed[:, t:] = (tokens[:, t:] + 1) % model.vocab_size
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    model.train(was_training)
+    return (before[:, :t] - after[:, :t]).abs().max().item()
+
+
+def future_leak_where(model, tokens, t):
+    """Random but always different replacements, chosen with a position mask."""
+    later = torch.arange(tokens.shape[1]) >= t
+    shift = torch.randint(1, model.vocab_size, tokens.shape)
+    changed = torch.where(later, (tokens + shift) % model.vocab_size, tokens)
+    mode = model.training
+    try:
+        model.train(False)
+        with torch.inference_mode():
+            diff = model(tokens) - model(changed)
+    finally:
+        model.train(mode)
+    return float(diff[:, ~later].abs().amax())
+
+
+def leak(model, tokens, t, *, upto=0, start=0, only_t=False, evaluate=True, restore=True,
+         reduce="max", rows=False, train_after=False):
+    """future_leak with one thing changed."""
+    changed = tokens.clone()
+    if rows:
+        changed[t:] = (tokens[t:] + 1) % model.vocab_size
+    elif only_t:
+        changed[:, t] = (tokens[:, t] + 1) % model.vocab_size
+    else:
+        changed[:, t + start:] = (tokens[:, t + start:] + 1) % model.vocab_size
+    was_training = model.training
+    if evaluate:
+        model.eval()
+    with torch.no_grad():
+        diff = (model(tokens) - model(changed))[:, :t + upto].abs()
+    if train_after:
+        model.train()
+    elif restore:
+        model.train(was_training)
+    return {"max": diff.max(), "mean": diff.mean(), "sum": diff.sum()}[reduce].item()
+
+
+def leak_in_place(model, tokens, t):
+    before = model(tokens).detach()
+    model.eval()
+    tokens[:, t:] = (tokens[:, t:] + 1) % model.vocab_size
+    out = (before[:, :t] - model(tokens)[:, :t]).abs().max().item()
+    model.train()
+    return out
+
+
+CASES_07 = {
+    "next_logits": (checks.check_next_logits, [next_logits, next_logits_cat,
+                                               references.next_logits], [
+        (lambda m, t, z=None: step(m, t, z, warm=False), "Start the solve from z0 with"),
+        (lambda m, t, z=None: step(m, t, z, align="right"), "Start the solve from z0 with"),
+        (lambda m, t, z=None: step(m, t, z, position=0), "after the \\*first\\* token"),
+        (lambda m, t, z=None: step(m, t, z, norm=False), "Apply model.norm, the final LayerNorm"),
+        (lambda m, t, z=None: step(m, t, z, detach=False), "Return z.detach\\(\\)"),
+        (lambda m, t, z=None: step(m, t, z, twice=True), "One solve per step"),
+        (next_logits_no_none, "z_prev is None at the first step"),
+        (lambda m, t, z=None: (lambda x: (m.head(m.norm(m.deq(x, z)[:, -1])), m.deq(x).detach()))(
+            m.embed_tokens(t)), "raised|shape"),
+    ]),
+    "future_leak": (checks.check_future_leak, [future_leak, future_leak_where,
+                                               references.future_leak], [
+        (lambda m, x, t: leak(m, x, t, upto=1), "Compare only the positions s < t"),
+        (lambda m, x, t: leak(m, x, t, start=1), "position t itself included"),
+        (lambda m, x, t: leak(m, x, t, rows=True), "along dim 1"),
+        (lambda m, x, t: leak(m, x, t, only_t=True), "not only token t"),
+        (lambda m, x, t: leak(m, x, t, reduce="mean"), "\\*largest\\* absolute change"),
+        (lambda m, x, t: leak(m, x, t, reduce="sum"), "not a sum"),
+        (lambda m, x, t: leak(m, x, t, evaluate=False), "compare in eval mode"),
+        (lambda m, x, t: leak(m, x, t, restore=False), "mode you found it in"),
+        (lambda m, x, t: leak(m, x, t, train_after=True), "mode you found it in"),
+        (leak_in_place, "changed its argument `tokens` in place"),
+        (lambda m, x, t: torch.tensor([0.0, 1.0]), "one number"),
+    ]),
+}
+
+RIGHT = [(name, i) for name, (_, rights, _) in CASES_07.items() for i in range(len(rights))]
+WRONG = [(name, i) for name, (_, _, wrongs) in CASES_07.items() for i in range(len(wrongs))]
+
+
+@pytest.mark.parametrize("name, i", RIGHT, ids=[f"{n}-{i}" for n, i in RIGHT])
+def test_a_correct_answer_passes_and_comes_back(name, i, capsys):
+    check, rights, _ = CASES_07[name]
+    right = rights[i]
+    if right is getattr(references, name, None):
+        assert check.__wrapped__(right)
+    else:
+        assert check(right) is right
+        assert checks.VERDICTS[name] is True
+    assert "✓" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, i", WRONG, ids=[f"{n}-{i}" for n, i in WRONG])
+def test_a_planted_mistake_is_rejected_with_a_message_that_names_it(name, i):
+    check, _, wrongs = CASES_07[name]
+    wrong, names_the_mistake = wrongs[i]
+    with pytest.raises(CheckFailed) as info:
+        check(wrong)
+    message = str(info.value)
+    assert not isinstance(info.value, checks.NotWrittenYet)
+    assert re.search(names_the_mistake, message), message
+    assert checks.VERDICTS[name] is False
+    with pytest.raises(CheckFailed):
+        checks.graded(name)
+
+
+def test_every_exercise_has_six_planted_mistakes_and_two_correct_answers():
+    short = {name: (len(rights), len(wrongs)) for name, (_, rights, wrongs) in CASES_07.items()
+             if len(rights) < 2 or len(wrongs) < 6}
+    assert short == {}
+
+
+@pytest.mark.parametrize("name", sorted(CASES_07))
+def test_an_unfinished_exercise_gets_deqlites_reference_which_passes_its_own_check(name, capsys):
+    def todo(*args, **kwargs):
+        """The student version's body."""
+        # YOUR CODE HERE
+        raise NotImplementedError()
+
+    check = getattr(checks, f"check_{name}")
+    handed_back = check(todo)
+    assert handed_back is getattr(references, name) is checks.reference(name)
+    out = capsys.readouterr().out
+    assert f"{name} is not written yet" in out and "reference implementation" in out
+    with pytest.raises(CheckFailed, match="no points yet"):
+        checks.graded(name)
+    assert check.__wrapped__(handed_back) and "✓" in capsys.readouterr().out
