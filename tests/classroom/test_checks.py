@@ -661,13 +661,31 @@ CASES |= {
 }
 
 EXERCISES = sorted(name.removeprefix("check_") for name in dir(checks) if name.startswith("check_"))
-RIGHT = [(name, i) for name, (_, rights, _) in CASES.items() for i in range(len(rights))]
-WRONG = [(name, i) for name, (_, _, wrongs) in CASES.items() for i in range(len(wrongs))]
+def all_cases() -> dict:
+    """This module's CASES and those of the per-notebook modules test_checks_nbNN.py."""
+    cases = dict(CASES)
+    for path in sorted(Path(__file__).parent.glob("test_checks_nb*.py")):
+        module = importlib.import_module(path.stem)
+        cases |= getattr(module, f"CASES_{path.stem[-2:]}")
+    return cases
+
+
+ALL = all_cases()
+RIGHT = [(name, i) for name, (_, rights, _) in ALL.items() for i in range(len(rights))]
+WRONG = [(name, i) for name, (_, _, wrongs) in ALL.items() for i in range(len(wrongs))]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                      # tiny problems: one thread is faster
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name, i", RIGHT, ids=[f"{n}-{i}" for n, i in RIGHT])
 def test_a_correct_answer_passes_and_comes_back(name, i, capsys):
-    check, rights, _ = CASES[name]
+    check, rights, _ = ALL[name]
     right = rights[i]
     if right is getattr(references, name, None):
         check = check.__wrapped__               # the bare check accepts the reference itself
@@ -680,31 +698,21 @@ def test_a_correct_answer_passes_and_comes_back(name, i, capsys):
 
 @pytest.mark.parametrize("name, i", WRONG, ids=[f"{n}-{i}" for n, i in WRONG])
 def test_a_planted_mistake_is_rejected_with_a_message_that_names_it(name, i):
-    check, _, wrongs = CASES[name]
+    check, _, wrongs = ALL[name]
     wrong, names_the_mistake = wrongs[i]
     with pytest.raises(CheckFailed) as info:
         check(wrong)
     message = str(info.value)
     assert not isinstance(info.value, checks.NotWrittenYet)
-    assert re.search(names_the_mistake, message), message
+    assert re.search(names_the_mistake, message, re.S), message
     assert checks.VERDICTS[name] is False
     with pytest.raises(CheckFailed):
         checks.graded(name)
 
 
-def all_cases() -> dict:
-    """This module's CASES and those of the per-notebook modules test_checks_nbNN.py."""
-    cases = dict(CASES)
-    for path in sorted(Path(__file__).parent.glob("test_checks_nb*.py")):
-        module = importlib.import_module(path.stem)
-        cases |= getattr(module, f"CASES_{path.stem[-2:]}")
-    return cases
-
-
 def test_every_exercise_has_six_planted_mistakes_and_two_correct_answers():
-    cases = all_cases()
-    assert set(cases) == set(EXERCISES)
-    short = {name: (len(rights), len(wrongs)) for name, (_, rights, wrongs) in cases.items()
+    assert set(ALL) == set(EXERCISES)
+    short = {name: (len(rights), len(wrongs)) for name, (_, rights, wrongs) in ALL.items()
              if len(rights) < 2 or len(wrongs) < 6}
     assert short == {}
 
