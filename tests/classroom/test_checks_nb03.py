@@ -7,15 +7,6 @@ import torch
 from deqlite.classroom import checks, references
 
 
-def adjoint_solve(vjp, grad, tol=1e-10, max_iter=500):
-    """Notebook 03's section 2, as a student writes it (from g = 0, relative stopping rule)."""
-    g = torch.zeros_like(grad)
-    for _ in range(max_iter):
-        g_new = vjp(g) + grad
-        if (g_new - g).norm() <= tol * g_new.norm():
-            return g_new
-        g = g_new
-    return g
 
 
 # ---- attach_ift: correct answers
@@ -45,7 +36,7 @@ def attach_ift(f, z_star, x, tol=1e-10, max_iter=500, *, plus_grad=False, hook_o
             return stored[0]
         if one_shot:
             handle[0].remove()
-        u = adjoint_solve(vjp, grad, tol=tol, max_iter=max_iter_used or max_iter)
+        u = references.adjoint_solve(vjp, grad, tol=tol, max_iter=max_iter_used or max_iter)
         stored.append(u)
         return u + grad if plus_grad else u
 
@@ -71,7 +62,7 @@ def attach_ift_one_graph(f, z_star, x, tol=1e-10, max_iter=500, guard=True):
             return grad
         busy.append(True)
         try:
-            return adjoint_solve(vjp, grad, tol, max_iter)
+            return references.adjoint_solve(vjp, grad, tol, max_iter)
         finally:
             busy.clear()
 
@@ -84,7 +75,7 @@ def attach_ift_func(f, z_star, x, tol=1e-10, max_iter=500):
     z_star = z_star.detach()
     z = f(z_star, x)
     _, vjp_fn = torch.func.vjp(lambda z_: f(z_, x.detach()), z_star)
-    z.register_hook(lambda grad: adjoint_solve(lambda y: vjp_fn(y)[0], grad, tol, max_iter))
+    z.register_hook(lambda grad: references.adjoint_solve(lambda y: vjp_fn(y)[0], grad, tol, max_iter))
     return z
 
 
@@ -100,7 +91,7 @@ def attach_ift_lazy(f, z_star, x, tol=1e-10, max_iter=500):
                 kept.update(z0=z0, f0=f(z0, x))
         def vjp(y):
             return torch.autograd.grad(kept["f0"], kept["z0"], y, retain_graph=True)[0]
-        return adjoint_solve(vjp, grad, tol, max_iter)
+        return references.adjoint_solve(vjp, grad, tol, max_iter)
 
     z.register_hook(hook)
     return z

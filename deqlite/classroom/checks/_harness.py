@@ -223,6 +223,15 @@ def _number(x: Any) -> float:
     raise CheckFailed(f"should return a number, got {type(x).__name__}.")
 
 
+def _pair_of(name: str, parts: str) -> Callable[[Any], tuple]:
+    """A converter for a result that should be a pair, e.g. ``_pair_of("deq_layer", "z, stats")``."""
+    def convert(out):
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise CheckFailed(f"{name} should return a pair ({parts}), got {type(out).__name__}.")
+        return out
+    return convert
+
+
 def _numbered(name: str) -> Callable[[Any], float]:
     def convert(x):
         try:

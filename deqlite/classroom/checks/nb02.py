@@ -7,8 +7,8 @@ from typing import Any, Callable
 import torch
 
 from .. import references
-from ._harness import (DT, CheckFailed, _call, _close, _compare, _Counted, _fail, _passed,
-                       _tanh_problem, _which, exercise)
+from ._harness import (_call, CheckFailed, _close, _compare, _Counted, DT, exercise, _fail,
+                       _pair_of, _passed, _tanh_problem, _which)
 
 
 def _solver_problems():
@@ -35,10 +35,7 @@ def _no_fixed_point():
 
 def _solver_out(name: str) -> Callable:
     def convert(out):
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise CheckFailed(f"{name} should return a pair (z, residuals), got "
-                              f"{type(out).__name__}.")
-        z, residuals = out
+        z, residuals = _pair_of(name, "z, residuals")(out)
         try:
             residuals = [float(r) for r in residuals]
         except (TypeError, ValueError):

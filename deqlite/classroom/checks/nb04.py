@@ -9,8 +9,8 @@ import torch
 from ...gradients import IFT
 from ...solvers import SolverSpec
 from ...stats import SolverStats
-from ._harness import (_call, CheckFailed, _compare, DT, exercise, _fail, _passed, _tanh_problem,
-                       _TooManyCalls, _which)
+from ._harness import (_call, CheckFailed, _compare, DT, exercise, _fail, _pair_of, _passed,
+                       _tanh_problem, _TooManyCalls, _which)
 
 
 class _RecordedMap:
@@ -45,14 +45,6 @@ class _RecordedMap:
         return other
 
 
-def _layer_out(name: str) -> Callable:
-    def convert(out):
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise CheckFailed(f"{name} should return a pair (z, stats), got {type(out).__name__}.")
-        return out
-    return convert
-
-
 def _grads(z: Any, params: list, weight: torch.Tensor) -> list:
     """∂(Σ weight · z)/∂params, zeros where z does not depend on a parameter."""
     grads = torch.autograd.grad((z * weight).sum(), params, allow_unused=True)
@@ -84,7 +76,7 @@ def _solve_families():
 def _layer_call(fn: Callable, *args, **kwargs):
     """_call for deq_layer, with a hint for a solve under torch.inference_mode()."""
     try:
-        return _call(fn, "deq_layer", *args, convert=_layer_out("deq_layer"), **kwargs)
+        return _call(fn, "deq_layer", *args, convert=_pair_of("deq_layer", "z, stats"), **kwargs)
     except _TooManyCalls:
         raise
     except CheckFailed as e:

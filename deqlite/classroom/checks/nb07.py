@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ...models import build_model
-from ._harness import _call, CheckFailed, _compare, DT, exercise, _fail, _numbered, _passed, _which
+from ._harness import (_call, CheckFailed, _compare, DT, exercise, _fail, _numbered, _pair_of,
+                       _passed, _which)
 
 
 class _ToyLM(nn.Module):
@@ -124,14 +125,6 @@ class _SolveRecord:
         self.nfe.append(None if module.forward_stats is None else module.forward_stats.nfe)
 
 
-def _pair(name: str) -> Callable:
-    def convert(out):
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise CheckFailed(f"{name} should return a pair (logits, z), got {type(out).__name__}.")
-        return out
-    return convert
-
-
 @exercise
 def check_next_logits(fn: Callable) -> bool:
     """fn(model, tokens, z_prev) -> (logits of the next token, z* detached), one solve started
@@ -161,7 +154,7 @@ def check_next_logits(fn: Callable) -> bool:
             record = _SolveRecord(model.deq)
             try:
                 logits, z = _call(fn, name, model, tokens.clone(), None if start is None else
-                                  start.clone(), convert=_pair(name))
+                                  start.clone(), convert=_pair_of(name, "logits, z"))
             except CheckFailed as e:
                 if start is not None or "NoneType" not in str(e):
                     raise
