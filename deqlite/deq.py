@@ -27,6 +27,11 @@ solve's record for ``ift``, once ``.backward()`` has run; see ``deqlite.gradient
 The model returns z* itself (not ``(z*, stats)``, as TorchDEQ does) so that a model calls its DEQ
 like any layer inside its own ``forward``; the records are attributes to read afterwards.
 
+Each call checks, so that an error names its cause (once per call, never per iteration): x is
+finite; x, z0 and the cell's parameters share a dtype; a given z0 has the cell's state shape(s);
+inject(x) is finite, else the cell's NaN/inf parameters are named (as when a solve goes
+non-finite); each application of the cell returns a state shaped like z.
+
 Also here, to look inside a DEQ: ``fixed_point_map`` (the map z ↦ f(z, x) at one input, on flat
 states), ``find_deq`` (the DEQ inside a model) and ``equilibrium`` (a model's DEQ, its map and
 its equilibrium on some inputs, for ``deqlite.diagnostics`` and the trainer's metrics).
@@ -35,6 +40,7 @@ its equilibrium on some inputs, for ``deqlite.diagnostics`` and the trainer's me
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -50,12 +56,156 @@ from .stats import ON_FAIL, SolverStats, check_convergence
 KNOBS = {"pretrain_steps": 0, "jac_probes": 0, "jac_probe_kind": "gaussian"}   # options(), defaults
 
 
+def _describe(value: Any) -> str:
+    """A value as an error shows it: ``a tensor of shape (2, 4)``, ``a tuple of 2: (2, 4), (2, 4)``."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)}: " + ", ".join(
+            str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__ for v in value)
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def _layout(state: Any) -> Any:
+    """A state's shape (a tuple), or the list of its tensors' shapes; None for what is no state."""
+    if isinstance(state, torch.Tensor):
+        return tuple(state.shape)
+    if isinstance(state, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in state):
+        return [tuple(t.shape) for t in state]
+    return None
+
+
 def flat_map(cell: nn.Module, spec: Any) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     """``step(z, injection)``: one application of the cell on flat states (batch, D), a state of
-    the shape(s) ``spec`` (see ``solvers.flatten_state``) in between."""
+    the shape(s) ``spec`` (see ``solvers.flatten_state``) in between. The cell must return a state
+    of those shapes (shapes compared in Python: no tensor is read)."""
     def step(z: torch.Tensor, injection) -> torch.Tensor:
-        return flatten_state(cell(unflatten_state(z, spec), injection), check=False)[0]
+        out = cell(unflatten_state(z, spec), injection)
+        want = (z.shape[0], *spec) if isinstance(spec, tuple) else [(z.shape[0], *s) for s in spec]
+        if _layout(out) != want:
+            hint = (" (Does its forward end without `return`?)" if out is None else
+                    " (Return the new state only; keep anything else as an attribute.)"
+                    if isinstance(out, (list, tuple)) and isinstance(spec, tuple) else "")
+            error = ValueError if isinstance(out, (torch.Tensor, list, tuple)) else TypeError
+            raise error(f"the cell's forward(z, injection) ({type(cell).__name__}) returned "
+                        f"{_describe(out)}; it must return a state of the same shape and structure "
+                        f"as z: {'a tensor of shape' if isinstance(want, tuple) else 'a list of'} "
+                        f"{want}.{hint}")
+        return flatten_state(out, "the cell's output", check=False)[0]
     return step
+
+
+# --- what a call is checked for: once per call, or only on the way to an error ------------------
+
+CASTS = {torch.float32: ".float()", torch.float64: ".double()", torch.float16: ".half()"}
+
+
+def _autocasting(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:                                   # torch < 2.4
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def check_dtypes(cell: nn.Module, x: torch.Tensor, z0: Optional[State] = None) -> None:
+    """x and z0 have the dtype of the cell's parameters (torch's own error, from inside a layer,
+    names none of them). No tensor is read. Skipped under autocast (it mixes dtypes on purpose)
+    and for a cell without parameters or with parameters of several dtypes."""
+    dtypes = {p.dtype for p in cell.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1 or _autocasting(x.device):
+        return
+    (dtype,) = dtypes
+    starts = [("z0", z0)] if isinstance(z0, torch.Tensor) else \
+        [(f"z0[{i}]", t) for i, t in enumerate(z0)] if isinstance(z0, (list, tuple)) else []
+    for name, t in [("x", x), *starts]:
+        if isinstance(t, torch.Tensor) and t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the cell's parameters have dtype "
+                            f"{dtype}; they must agree. Cast the model to {name}'s dtype "
+                            f"(model{CASTS.get(t.dtype, f'.to({t.dtype})')}, e.g. for float64 "
+                            f"gradient checks) or {name} to the model's ({name.split('[')[0]}"
+                            f"{CASTS.get(dtype, f'.to({dtype})')}).")
+
+
+def check_start(z0: State, expected: State) -> None:
+    """A given z0 has the structure and shapes of ``expected``, the cell's own state at this input
+    (its ``init_state``); for a list state (one tensor per scale) the first branch that differs
+    is named, with a hint when the branches are only in another order."""
+    got, want = _layout(z0), _layout(expected)
+    if got == want:
+        return
+    problem = f"z0 is {_describe(z0)}"
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        i = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
+        problem = f"branch {i} of z0, z0[{i}], has shape {got[i]} where {want[i]} is expected"
+        if sorted(got) == sorted(want):
+            problem += (" (the branches are in another order than the cell's: MultiscaleCell's go "
+                        "from the highest resolution down)")
+    raise ValueError(f"{problem}; the cell's state for this x has shape{'s' * isinstance(want, list)}"
+                     f" {want}. Start from the cell's own state, cell.init_state(cell.inject(x)), "
+                     f"or from a z* of this cell at an input of the same shape.")
+
+
+def _check_input(x: Any) -> None:
+    """x is a floating-point batch of finite values; for NaN/inf the message says where they can
+    come from besides the data: the layers before the DEQ."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1 \
+            and not bool(torch.isfinite(x).all()):
+        bad = ~torch.isfinite(x).reshape(len(x), -1)
+        samples = bad.any(1).nonzero().flatten().tolist()
+        raise ValueError(f"x, the DEQ's input, contains {int(bad.sum())} NaN/inf value(s) (in "
+                         f"sample(s) {', '.join(map(str, samples[:8]))}{' ...' * (len(samples) > 8)}"
+                         f"); clean or normalize the data. If x comes out of layers before the DEQ "
+                         f"(an encoder, a stem), check their parameters too: a diverged training "
+                         f"step or a corrupt checkpoint leaves NaN/inf there.")
+    check_tensor(x, "x")
+
+
+def nonfinite_parameters(module: nn.Module) -> list:
+    """``(name, count, size)`` for each parameter or buffer of ``module`` holding NaN/inf values
+    (a pass over all of them: for the way to an error, not for every call)."""
+    tensors = itertools.chain(module.named_parameters(), module.named_buffers())
+    return [(name, int((~torch.isfinite(t)).sum()), t.numel()) for name, t in tensors
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def corrupt_parameters_error(cell: nn.Module, symptom: str) -> Optional[ValueError]:
+    """The error naming the NaN/inf parameters of ``cell`` behind a ``symptom``; None if none."""
+    bad = nonfinite_parameters(cell)
+    if not bad:
+        return None
+    names = ", ".join(f"{name} ({count} of {size} values)" for name, count, size in bad[:4])
+    return ValueError(f"{symptom}: the cell's parameters contain NaN/inf, in {names}"
+                      f"{', ...' * (len(bad) > 4)}. They come from a diverged training step or a "
+                      f"corrupt checkpoint: load an earlier checkpoint, or train with a lower "
+                      f"learning rate, gradient clipping or Jacobian regularization.")
+
+
+def check_injection(cell: nn.Module, x: torch.Tensor, injection: Any) -> None:
+    """inject(x) of a finite x is finite (one synchronization); if not, the cell's NaN/inf
+    parameters are named, or else the overflow is reported (not under autocast: a float16
+    overflow there is the gradient scaler's business)."""
+    parts = injection if isinstance(injection, (list, tuple)) else [injection]
+    tensors = [t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    error = corrupt_parameters_error(cell, "x is finite but the cell's inject(x) is not")
+    if error is not None:
+        raise error
+    if not _autocasting(x.device):
+        raise ValueError(f"x is finite but the cell's inject(x) is not, though the cell's "
+                         f"parameters are: an overflow (|x| is up to {x.abs().max().item():.3g}, "
+                         f"dtype {x.dtype}). Normalize x, or compute in a wider dtype.")
+
+
+def _not_traced(forward: Callable) -> Callable:
+    """DEQ.forward runs eagerly under ``torch.compile``; ``fullgraph=True`` fails, with the reason."""
+    reason = ("a DEQ's solve is a Python loop that stops when the samples converge, which "
+              "torch.compile cannot capture in one graph: compile the cell instead, "
+              "DEQ(torch.compile(cell), ...)")
+    try:
+        return torch.compiler.disable(forward, reason=reason)
+    except TypeError:                                   # torch < 2.8: no reason
+        return torch.compiler.disable(forward)
 
 
 @dataclass
@@ -99,6 +249,11 @@ class DEQ(nn.Module):
     ``"ift"``), the records ``forward_stats``, ``backward_stats``, ``jac_loss``, and the knobs
     ``pretrain_steps``, ``jac_probes``, ``jac_probe_kind`` (read-only: change them with
     ``options``).
+
+    ``torch.compile``: compile the cell, ``DEQ(torch.compile(cell), ...)``: the solver's Python loop
+    (and the IFT backward) runs around the compiled cell. The loop stops when the samples converge,
+    a data-dependent decision no single graph holds: ``torch.compile(model)`` runs the DEQ eagerly
+    inside the compiled model, and ``torch.compile(deq, fullgraph=True)`` fails at once, saying so.
     """
 
     def __init__(self, cell: nn.Module, *, solver: str = "anderson", tol: float = 1e-4,
@@ -197,13 +352,19 @@ class DEQ(nn.Module):
     def fixed_point_map(self, x: torch.Tensor, z0: Optional[State] = None) -> FixedPointMap:
         """The map f(z) = cell(z, inject(x)) on flat states (batch, D) for the input x, its flat
         starting state (z0, or the cell's ``init_state``) and how to unflatten a state (a cell
-        may keep a list of tensors, e.g. one per scale). inject(x) is computed once here."""
-        check_tensor(x, "x")
+        may keep a list of tensors, e.g. one per scale). inject(x) is computed once here, and x,
+        z0 and the injection are checked (module docstring)."""
+        _check_input(x)
+        check_dtypes(self.cell, x, z0)
         injection = self.cell.inject(x)
+        check_injection(self.cell, x, injection)
         z0_flat, spec = flatten_state(self.cell.init_state(injection) if z0 is None else z0, "z0")
+        if z0 is not None:
+            check_start(z0, self.cell.init_state(injection))
         step = flat_map(self.cell, spec)
         return FixedPointMap(lambda z: step(z, injection), z0_flat, spec, injection)
 
+    @_not_traced
     def forward(self, x: torch.Tensor, z0: Optional[State] = None) -> State:
         """Return the equilibrium state z* for the batch x (warm-started from z0 if given)."""
         m = self.fixed_point_map(x, z0)
@@ -217,6 +378,11 @@ class DEQ(nn.Module):
                 z = m.f(z)
         else:
             z, self.forward_stats = self.gradient.solve(self.forward_solver, m.f, m.z0)
+            if not self.forward_stats.all_converged and \
+                    not bool(torch.isfinite(self.forward_stats.residuals).all()):
+                error = corrupt_parameters_error(self.cell, "the forward solve went non-finite")
+                if error is not None:
+                    raise error
             check_convergence(self.forward_stats, "forward", self.on_fail)
             if needs_grad:
                 z = self.gradient.attach(z, m.f)
@@ -228,6 +394,9 @@ class DEQ(nn.Module):
         """jac_loss = batch mean of the Hutchinson estimate of ‖J‖²_F / d at z (z held fixed).
         Its own application of f: the backward pass must not free the adjoint's graph."""
         z_in = z.detach().requires_grad_()
+        if len(z_in) == 0:                          # an empty batch: 0, still in the graph
+            self.jac_loss = f(z_in).sum()
+            return
         self.jac_loss = hutchinson_frobenius(f(z_in), z_in, n_probes=self.jac_probes,
                                              kind=self.jac_probe_kind, create_graph=True).mean()
 

@@ -291,3 +291,103 @@ def test_equilibrium_finds_the_deq_inside_a_model_and_its_map():
     assert z.shape == (4, 8) and torch.allclose(f(z), z, atol=1e-10)
     with pytest.raises(ValueError, match="holds 2 DEQ modules"):
         find_deq(nn.Sequential(model, DEQ(small_cell())))
+
+
+# --- errors that name their cause (nothing lost, nothing silent) ---------------------------------
+
+def test_mismatched_dtypes_name_x_z0_and_the_cell_and_say_how_to_cast():
+    deq = DEQ(MLPCell(3, 4))                                   # float32 parameters
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the cell's parameters have "
+                                        r"dtype torch.float32.*model.double\(\).*x.float\(\)"):
+        deq(torch.randn(2, 3, dtype=DT))
+    with pytest.raises(TypeError, match=r"z0 has dtype torch.float64.*z0.float\(\)"):
+        deq(torch.randn(2, 3), z0=torch.zeros(2, 4, dtype=DT))
+    cell = TwoScaleCell()                                      # float64, a list state
+    with pytest.raises(TypeError, match=r"z0\[1\] has dtype torch.float32.*z0.double\(\)"):
+        DEQ(cell)(torch.randn(2, 3, dtype=DT), z0=[torch.zeros(2, 4, dtype=DT), torch.zeros(2, 2, 3)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):          # autocast mixes dtypes on purpose
+        DEQ(MLPCell(3, 4), max_iter=3, on_fail="ignore")(torch.randn(2, 3, dtype=torch.bfloat16))
+
+
+class ReturnsCell(MLPCell):
+    """An MLPCell whose forward returns what `make(z)` makes of the state."""
+
+    def __init__(self, make):
+        super().__init__(3, 4)
+        self.make = make
+
+    def forward(self, z, injection):
+        return self.make(super().forward(z, injection))
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda z: z[:, :2], ValueError, r"returned a tensor of shape \(2, 2\); it must return a state "
+                                     r"of the same shape and structure as z: a tensor of shape \(2, 4\)"),
+    (lambda z: z[:1], ValueError, r"returned a tensor of shape \(1, 4\)"),
+    (lambda z: None, TypeError, r"returned None.*without `return`"),
+    (lambda z: (z, z.sum()), ValueError, r"returned a tuple of 2: \(2, 4\), \(\).*new state only"),
+    (lambda z: {"z": z}, TypeError, r"returned a dict"),
+], ids=["shape", "batch", "none", "tuple", "dict"])
+def test_a_cell_returning_no_state_like_z_is_named(make, error, match):
+    with pytest.raises(error, match=r"the cell's forward\(z, injection\) \(ReturnsCell\) " + match):
+        DEQ(ReturnsCell(make))(torch.randn(2, 3))
+
+
+def test_a_list_state_of_the_wrong_shapes_names_the_branch():
+    from deqlite.cells import MultiscaleCell
+    cell = MultiscaleCell(2, [4, 8], groups=2, expansion=1).eval()
+    deq, x = DEQ(cell, max_iter=2, on_fail="ignore"), torch.randn(2, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"branch 1 of z0, z0\[1\], has shape \(2, 8, 3, 3\) where "
+                                         r"\(2, 8, 4, 4\) is expected.*init_state"):
+        deq(x, z0=[torch.zeros(2, 4, 8, 8), torch.zeros(2, 8, 3, 3)])
+    with pytest.raises(ValueError, match=r"branch 0 of z0.*\(2, 8, 4, 4\) where \(2, 4, 8, 8\).*"
+                                         r"another order"):
+        deq(x, z0=[torch.zeros(2, 8, 4, 4), torch.zeros(2, 4, 8, 8)])
+    with pytest.raises(ValueError, match=r"z0 is a list of 1: \(2, 4, 8, 8\); the cell's state for "
+                                         r"this x has shapes \[\(2, 4, 8, 8\), \(2, 8, 4, 4\)\]"):
+        deq(x, z0=[torch.zeros(2, 4, 8, 8)])
+    with pytest.raises(ValueError, match=r"z0 is a tensor of shape \(3, 4\); the cell's state for "
+                                         r"this x has shape \(2, 4\)"):
+        DEQ(MLPCell(5, 4))(torch.randn(2, 5), z0=torch.zeros(3, 4))
+    deq(x, z0=cell.init_state(cell.inject(x)))                 # the right shapes pass
+
+
+def test_nan_weights_are_named_not_blamed_on_the_input():
+    deq = DEQ(MLPCell(3, 4))
+    with torch.no_grad():
+        deq.cell.U.weight[0, 0] = float("nan")                 # e.g. a corrupt checkpoint
+    with pytest.raises(ValueError, match=r"x is finite but the cell's inject\(x\) is not: the "
+                                         r"cell's parameters contain NaN/inf, in U.weight "
+                                         r"\(1 of 12 values\).*checkpoint"):
+        deq(torch.randn(2, 3))
+    deq = DEQ(MLPCell(3, 4), on_fail="ignore")
+    with torch.no_grad():
+        deq.cell.W.weight[1] = float("inf")                    # not in the injection: in the solve
+    with pytest.raises(ValueError, match=r"forward solve went non-finite.*W.weight \(4 of 16"):
+        deq(torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"x, the DEQ's input, contains 2 NaN/inf value\(s\) \(in "
+                                         r"sample\(s\) 1\).*layers before the DEQ"):
+        deq(torch.tensor([[0.0, 1, 2], [float("nan"), 1, float("inf")]]))
+    deq = DEQ(MLPCell(3, 4))
+    with torch.no_grad():
+        deq.cell.U.weight.fill_(1.0)
+    with pytest.raises(ValueError, match=r"inject\(x\) is not, though the cell's parameters are: an "
+                                         r"overflow \(\|x\| is up to 2e\+38"):
+        deq(torch.full((1, 3), 2e38))                           # 3 · 2e38 > float32's largest
+
+
+def test_torch_compile_of_the_whole_deq_says_to_compile_the_cell():
+    dynamo = pytest.importorskip("torch._dynamo")
+    deq = DEQ(small_cell(d_in=3, d=4), tol=1e-10, max_iter=100)
+    x = torch.randn(2, 3, dtype=DT)
+    dynamo.reset()
+    with pytest.raises(Exception, match=r"(?s)compile the cell instead.*torch.compile\(cell\)"):
+        torch.compile(deq, fullgraph=True)(x)
+    compiled = DEQ(torch.compile(deq.cell, backend="eager"), tol=1e-10, max_iter=100)
+    x.requires_grad_()
+    for model in (compiled, torch.compile(nn.Sequential(deq), backend="eager")):
+        z = model(x)                                           # the same z* and gradient as eager
+        torch.testing.assert_close(z, deq(x))
+        torch.testing.assert_close(torch.autograd.grad(loss_fn(z), x)[0],
+                                   torch.autograd.grad(loss_fn(deq(x)), x)[0])
+    dynamo.reset()
