@@ -4,11 +4,14 @@
     load_dataset("stdlib_chars", "valid")       # a TokenStream of characters
 
 ``images`` holds the image datasets, ``text`` the corpora, ``batches`` the batches a training run
-draws from either (a function of the step, for exact resume). Real datasets live under the data
+draws from either (a function of the step, for exact resume), ``integrity`` what guards against
+damaged files (errors that name the file, a cache that checks itself, decoding a sample of an
+image folder). Real datasets live under the data
 folder (``$DEQLITE_DATA``, default ``data/``); download one from a terminal with
 
     python -m deqlite.data download mnist        (or cifar10, wikitext103, wikitext2;
-                                                  "imagenet" checks the layout)
+                                                  "imagenet" checks the folders and decodes a
+                                                  sample of the images; exit status 1 if not OK)
 """
 from __future__ import annotations
 

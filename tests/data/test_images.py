@@ -87,7 +87,7 @@ def test_root_resolution(tmp_path, monkeypatch):
 
 def test_offline_mnist5k_is_a_fixed_stratified_split():
     train, test = data.load_dataset("mnist5k", "train"), data.load_dataset("mnist5k", "test")
-    (xtr, ytr), (xte, yte) = train.tensors, test.tensors
+    (xtr, _), (xte, yte) = train.tensors, test.tensors
     assert xtr.shape == (4000, 1, 28, 28) and xte.shape == (1000, 1, 28, 28)
     assert torch.bincount(yte).tolist() == [100] * 10
     assert 0 <= xtr.min() and xtr.max() <= 1
