@@ -20,6 +20,9 @@ and with W processes process p takes rows [pB/W, (p+1)B/W) of each window. Every
 from an empty context (no memory is carried between windows). ``eval_windows`` goes through a
 whole split the same way, the last, shorter window included, so every token after the first is
 scored once.
+
+A stream too short for one batch, an empty dataset or a rank outside the run is an error that
+says so (with the numbers: how many tokens there are, how many are needed), never an empty loop.
 """
 from __future__ import annotations
 
@@ -30,6 +33,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from .._validate import check_range
+from .text import TokenStream
+
+
+def _check_place(rank: int, world_size: int) -> None:
+    """Process `rank` is one of the run's `world_size` processes, numbered from 0."""
+    check_range(world_size, "world_size", low=1, integer=True)
+    check_range(rank, "rank", low=0, integer=True)
+    if rank >= world_size:
+        raise ValueError(f"rank {rank} is not one of the {world_size} processes, numbered 0 to "
+                         f"{world_size - 1}.")
 
 
 def _check_global_batch(batch_size: int, world_size: int, what: str = "examples") -> None:
@@ -103,8 +116,12 @@ class TrainBatches:
                  world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
         check_range(batch_size, "batch_size", low=1, integer=True)
         check_range(num_workers, "num_workers", low=0, integer=True)
+        _check_place(rank, world_size)
         _check_global_batch(batch_size, world_size)
         n = len(dataset)
+        if n == 0:
+            raise ValueError("the training set is empty (0 examples): there is nothing to train "
+                             "on. Check the dataset and, if set, limit_train.")
         if world_size > 1 and n < batch_size:
             raise ValueError(f"{n} training examples make no full global batch of {batch_size}.")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
@@ -156,6 +173,11 @@ def eval_batches(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size
                  num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) batches of process `rank`'s contiguous share of `dataset`, in order,
     un-augmented for an in-memory set (evaluation sees the test images as they are)."""
+    check_range(batch_size, "batch_size", low=1, integer=True)
+    _check_place(rank, world_size)
+    if len(dataset) == 0:
+        raise ValueError("the dataset to evaluate is empty (0 examples): a score of nothing is "
+                         "no score. Check the dataset and, if set, limit_test.")
     share = torch.arange(len(dataset)).tensor_split(world_size)[rank]
     if isinstance(dataset, TensorDataset):
         lo, hi = (int(share[0]), int(share[-1]) + 1) if len(share) else (0, 0)
@@ -169,12 +191,21 @@ def eval_batches(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size
 
 # --- text: contiguous windows --------------------------------------------------------------------------
 
+def _tokens(stream) -> tuple[torch.Tensor, str]:
+    """The ids of `stream` (a ``TokenStream`` or a 1-D tensor of ids) and its name for messages
+    (a TokenStream's says which file it was read from)."""
+    if isinstance(stream, TokenStream):
+        return stream.tokens, stream.where
+    if not isinstance(stream, torch.Tensor) or stream.dim() != 1:
+        shape = tuple(stream.shape) if isinstance(stream, torch.Tensor) else type(stream).__name__
+        raise ValueError(f"the tokens must be a TokenStream or a 1-D tensor of ids, got {shape}.")
+    return stream, "the token stream"
+
+
 def _rows(tokens: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets), both (rows, L) with L = (N − 1) // rows: row r of the inputs is
-    tokens[rL : (r+1)L], its targets the same one token later."""
+    """(inputs, targets), both (rows, L) with L = (N − 1) // rows ≥ 1 (the callers check the
+    length): row r of the inputs is tokens[rL : (r+1)L], its targets the same one token later."""
     length = (len(tokens) - 1) // rows
-    if length < 1:
-        raise ValueError(f"{len(tokens)} tokens make no rows of {rows}: lower the batch size.")
     used = tokens[:rows * length + 1]
     return used[:-1].view(rows, length), used[1:].view(rows, length)
 
@@ -183,19 +214,25 @@ class StreamBatches:
     """The training batches of a token stream, for process `rank` of `world_size` (see the module
     docstring): ``batches(step) -> (epoch, x, y)``, x and y (batch_size / world_size, seq_len)
     int64 with y the tokens after x; a function of the step alone. An epoch is one pass over
-    the ``steps_per_epoch`` full windows (a row's last L mod seq_len tokens are not trained on)."""
+    the ``steps_per_epoch`` full windows (a row's last L mod seq_len tokens are not trained on).
+    `tokens`: a ``TokenStream`` (its file is then named in errors) or a 1-D tensor of ids."""
 
-    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, *, rank: int = 0,
+    def __init__(self, tokens, batch_size: int, seq_len: int, *, rank: int = 0,
                  world_size: int = 1):
         check_range(batch_size, "batch_size", low=1, integer=True)
         check_range(seq_len, "seq_len", low=1, integer=True)
+        _check_place(rank, world_size)
         _check_global_batch(batch_size, world_size, "rows")
+        tokens, where = _tokens(tokens)
+        needed = batch_size * seq_len + 1          # one window of every row, and the last target
+        if len(tokens) < needed:
+            raise ValueError(f"{where} has {len(tokens):,} tokens, fewer than one training step "
+                             f"needs: batch_size × seq_len + 1 = {batch_size} × {seq_len} + 1 = "
+                             f"{needed:,} (a window of seq_len tokens in each of batch_size rows, "
+                             f"and the target after the last). Lower batch_size or seq_len, or "
+                             f"use a longer text.")
         inputs, targets = _rows(tokens, batch_size)
         self.steps_per_epoch = inputs.shape[1] // seq_len
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(tokens):,} tokens in {batch_size} rows give rows of "
-                             f"{inputs.shape[1]} tokens, shorter than seq_len = {seq_len}: lower "
-                             f"batch_size or seq_len (or use more of the data).")
         mine = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.inputs, self.targets = inputs[mine], targets[mine]
         self.batch_size, self.seq_len = batch_size, seq_len
@@ -216,9 +253,15 @@ def eval_windows(tokens: torch.Tensor, batch_size: int, seq_len: int, *, rank: i
     """(x, y) windows through a whole split, for evaluation: the stream in ``batch_size`` rows *in
     all*, process `rank` taking its contiguous share of them (so the windows, and the score, do
     not depend on the number of processes), every window in order, the last one shorter if the
-    rows do not divide evenly."""
+    rows do not divide evenly. `tokens`: a ``TokenStream`` or a 1-D tensor of ids."""
     check_range(seq_len, "seq_len", low=1, integer=True)
     check_range(batch_size, "batch_size", low=1, integer=True)
+    _check_place(rank, world_size)
+    tokens, where = _tokens(tokens)
+    if len(tokens) < batch_size + 1:
+        raise ValueError(f"{where} has {len(tokens):,} tokens; evaluating it in batch_size = "
+                         f"{batch_size} rows needs at least {batch_size + 1:,} (a token and its "
+                         f"target in every row). Lower the (eval) batch size.")
     inputs, targets = _rows(tokens, batch_size)
     mine = torch.arange(batch_size).tensor_split(world_size)[rank]
     if len(mine) == 0:                                    # more processes than rows
@@ -232,6 +275,12 @@ def eval_windows(tokens: torch.Tensor, batch_size: int, seq_len: int, *, rank: i
 def first_windows(tokens: torch.Tensor, n: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n consecutive windows of the stream as a batch (n, seq_len) of inputs and their
     targets (fewer if the stream is short): fixed examples for diagnostics."""
+    check_range(n, "n", low=1, integer=True)
+    check_range(seq_len, "seq_len", low=1, integer=True)
+    tokens, where = _tokens(tokens)
+    if len(tokens) < 2:
+        raise ValueError(f"{where} has {len(tokens)} token(s); a window needs at least 2 (an "
+                         f"input and its target).")
     seq_len = min(seq_len, len(tokens) - 1)
     n = max(1, min(n, (len(tokens) - 1) // seq_len))
     x = tokens[:n * seq_len].view(n, seq_len)

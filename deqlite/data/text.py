@@ -23,7 +23,10 @@ Datasets (each ``fn(split)`` with split "train", "valid" or "test" returns a ``T
                       ``<eos>``; the vocabulary is every word of the train split, most frequent
                       first (ties: first seen first), about 267k words for WikiText-103; the
                       files already spell rare words ``<unk>``. Tokenizing WikiText-103 takes a
-                      minute, so the result is also cached beside the files (``CACHE_NAME``).
+                      minute, so the result is also cached beside the files (``CACHE_NAME``),
+                      with checksums: a damaged cache is rebuilt, with a warning. The files are
+                      UTF-8 (a byte-order mark at the start is dropped); a file that is not, or
+                      is empty, is an error that names it (``integrity.DataFileError``).
                       Download: ``python -m deqlite.data download wikitext103`` (or wikitext2).
 
 Batches: ``deqlite.data.batches.StreamBatches`` cuts a stream into rows and windows.
@@ -50,8 +53,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._files import atomic_save, data_root
+from .._files import data_root
 from .._validate import check_range, lookup
+from .integrity import DataFileError, first_non_utf8, load_checked, redownload, save_checked
 
 TEXT_SPLITS = ("train", "valid", "test")
 UNK_CHAR = "\ufffd"          # the Unicode replacement character stands for every rare character
@@ -70,7 +74,8 @@ class TokenStream:
         level: "char" or "word".
         train_counts: (V,) how often each token occurs in the *train* split (the same tensor in
             every split of a corpus): the unigram baseline.
-        name, split: where it came from.
+        name, split: which corpus and split it is.
+        source: the file (or folder) it was read from, for messages ("" if none).
     """
     tokens: torch.Tensor
     vocab: tuple
@@ -78,6 +83,7 @@ class TokenStream:
     train_counts: torch.Tensor
     name: str = ""
     split: str = ""
+    source: str = ""
 
     @functools.cached_property
     def stoi(self) -> dict:
@@ -140,7 +146,12 @@ class TokenStream:
         """The first n tokens (all if there are fewer), for quick runs."""
         check_range(n, "n", low=2, integer=True)
         return TokenStream(self.tokens[:n], self.vocab, self.level, self.train_counts,
-                           self.name, self.split)
+                           self.name, self.split, self.source)
+
+    @property
+    def where(self) -> str:
+        """The stream in words, for error messages: ``wikitext2 'train' (data/…/wiki.train.tokens)``."""
+        return f"{self.name} {self.split!r}" + (f" ({self.source})" if self.source else "")
 
     def __repr__(self) -> str:
         return (f"TokenStream({self.name!r}, split={self.split!r}, {len(self):,} {self.level} "
@@ -215,7 +226,7 @@ def stdlib_chars(split: str = "train", *, max_chars: int = STDLIB_MAX_CHARS) -> 
     vocab, train_counts = _stdlib_vocab(max_chars)
     text = "".join(t for _, t, s in stdlib_files(max_chars) if s == split)
     return TokenStream(torch.from_numpy(_encode_chars(text, vocab)), vocab, "char", train_counts,
-                       "stdlib_chars", split)
+                       "stdlib_chars", split, sysconfig.get_paths()["stdlib"])
 
 
 # --- WikiText ------------------------------------------------------------------------------------
@@ -240,17 +251,25 @@ def _token_files(folder: Path) -> dict:
 
 def _missing_wikitext(name: str, folder: Path) -> FileNotFoundError:
     size = "about 180 MB, 540 MB unpacked" if name == "wikitext103" else "about 4 MB"
+    missing = [p.name for p in _token_files(folder).values() if not p.exists()]
     return FileNotFoundError(
-        f"{name} is not under {folder} (it needs wiki.train.tokens, wiki.valid.tokens and "
-        f"wiki.test.tokens). Download it ({size}) with\n"
+        f"{name} is not under {folder}: {', '.join(missing)} missing (it needs wiki.train.tokens, "
+        f"wiki.valid.tokens and wiki.test.tokens). Download it ({size}) with\n"
         f"    python -m deqlite.data download {name} --root {folder.parent}\n"
         f"or pass download=True, or point $DEQLITE_DATA at a folder that has it.")
+
+
+def _damaged(path: Path, problem: str) -> DataFileError:
+    """The error for a WikiText file that is there but unusable: names it, says what to do."""
+    name = next((n for n, (f, _) in WIKITEXT.items() if f == path.parent.name), "wikitext103")
+    return DataFileError(path, problem, redownload(path, name, path.parent.parent))
 
 
 def _read_words(path: Path, stoi: dict) -> np.ndarray:
     """The ids of every word of every line of `path`, each line ended by ``<eos>``. `stoi` is a
     ``defaultdict`` that numbers unseen words as they come (the train split), or a plain dict
-    whose unknown words become ``<unk>`` (the other splits)."""
+    whose unknown words become ``<unk>`` (the other splits). The file is UTF-8; a byte-order
+    mark at its start ("utf-8-sig") is dropped, not read as part of the first word."""
     ids = array.array("q")
     if isinstance(stoi, collections.defaultdict):
         lookup_word = stoi.__getitem__
@@ -258,11 +277,20 @@ def _read_words(path: Path, stoi: dict) -> np.ndarray:
         unk = stoi[UNK_WORD]
         lookup_word = lambda w: stoi.get(w, unk)  # noqa: E731
     eos = lookup_word(EOS)
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            ids.extend(map(lookup_word, line.split()))
-            ids.append(eos)
-    return np.frombuffer(ids, dtype=np.int64)
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            for line in fh:
+                ids.extend(map(lookup_word, line.split()))
+                ids.append(eos)
+    except UnicodeDecodeError:
+        raise _damaged(path, f"it is not UTF-8 text, as WikiText's files are: invalid bytes at "
+                             f"{first_non_utf8(path)}.") from None
+    ids = np.frombuffer(ids, dtype=np.int64)
+    if not (ids != eos).any():
+        size = path.stat().st_size
+        raise _damaged(path, "the file is empty (0 bytes)" if size == 0 else
+                       f"the file has no words ({size:,} bytes of blank lines)")
+    return ids
 
 
 def tokenize_wikitext(folder: Path) -> dict:
@@ -295,25 +323,29 @@ def _signature(files: dict) -> list:
 @functools.lru_cache(maxsize=4)
 def _wikitext_tokens(folder: Path, signature: tuple) -> tuple:
     """(vocab, {split: int64 ids}, train counts) for a folder, once per process and file version;
-    read from / written to the cache file beside the token files."""
+    read from / written to the cache beside the token files. The cache is checked
+    (``integrity.load_checked``): one written for other files (another `signature`) is rebuilt,
+    and so, with a warning, is a damaged one (truncated, or its data not its header's)."""
     cache = folder / CACHE_NAME
-    data = None
-    if cache.exists():
-        saved = torch.load(cache, weights_only=True)
-        if saved.get("signature") == list(signature):
-            data = saved
-    if data is None:
-        data = dict(tokenize_wikitext(folder), signature=list(signature))
-        _save_cache(data, cache)
-    splits = {s: data[s].long() for s in TEXT_SPLITS}
-    counts = torch.bincount(splits["train"], minlength=len(data["vocab"]))
-    return tuple(data["vocab"]), splits, counts
+    saved = load_checked(cache, rebuild="Rebuilding it from the token files (WikiText-103: "
+                                        "about a minute).")
+    if saved is not None and saved[0].get("signature") == list(signature) \
+            and set(saved[1]) == set(TEXT_SPLITS):
+        meta, tensors = saved
+    else:
+        data = tokenize_wikitext(folder)
+        meta = {"signature": list(signature), "vocab": data["vocab"]}
+        tensors = {s: data[s] for s in TEXT_SPLITS}
+        _save_cache(cache, tensors, meta)
+    splits = {s: tensors[s].long() for s in TEXT_SPLITS}
+    counts = torch.bincount(splits["train"], minlength=len(meta["vocab"]))
+    return tuple(meta["vocab"]), splits, counts
 
 
-def _save_cache(data: dict, path: Path) -> None:
-    """Write atomically (``atomic_save``); a read-only data folder just goes without a cache."""
+def _save_cache(path: Path, tensors: dict, meta: dict) -> None:
+    """Write atomically (``save_checked``); a read-only data folder just goes without a cache."""
     try:
-        atomic_save(data, path)
+        save_checked(path, tensors, meta)
     except OSError as e:
         warnings.warn(f"could not cache the tokenized text in {path} ({e}); it is tokenized "
                       f"again in every process.", stacklevel=3)
@@ -331,7 +363,7 @@ def load_wikitext(name: str, split: str = "train", *, root=None,
     if not all(p.exists() for p in files.values()):
         raise _missing_wikitext(name, folder)
     vocab, splits, counts = _wikitext_tokens(folder, tuple(_signature(files)))
-    return TokenStream(splits[split], vocab, "word", counts, name, split)
+    return TokenStream(splits[split], vocab, "word", counts, name, split, str(files[split]))
 
 
 def wikitext103(split: str = "train", *, root=None, download: bool = False) -> TokenStream:
@@ -344,24 +376,34 @@ def wikitext2(split: str = "train", *, root=None, download: bool = False) -> Tok
     return load_wikitext("wikitext2", split, root=root, download=download)
 
 
+def _fetch(url: str, part: Path, name: str) -> None:
+    """Download `url` into the file `part` with a progress bar; an OSError if that fails or what
+    came is no zip archive (a server's HTML error page, say)."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as fh:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name} ← {url}") as bar:
+            while chunk := response.read(1 << 20):
+                fh.write(chunk)
+                bar.update(len(chunk))
+    if not zipfile.is_zipfile(part):
+        with open(part, "rb") as fh:
+            raise OSError(f"what came is no zip archive (it begins {fh.read(32)!r})")
+
+
 def download_wikitext(name: str, *, root=None, urls: Optional[list] = None) -> Path:
-    """Fetch the archive (a ``.part`` file, renamed when complete), unpack it into a temporary
-    folder and rename that into place: an interrupted download leaves no half-written dataset.
-    Returns the dataset's folder."""
+    """Fetch the archive (a ``.part`` file, renamed when complete and a zip archive; else the
+    next URL is tried), unpack it into a temporary folder and move its token files into place:
+    an interrupted download leaves no half-written dataset, and other files in the dataset's
+    folder are left alone. Returns the dataset's folder."""
     folder_name, default_urls = lookup(WIKITEXT, name, "WikiText dataset")
     folder = _wikitext_folder(name, root)
     folder.parent.mkdir(parents=True, exist_ok=True)
     archive = folder.parent / f"{folder_name}.zip"
+    part = archive.with_name(archive.name + ".part")
     errors = []
     for url in urls or default_urls:
-        part = archive.with_name(archive.name + ".part")
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as fh:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name} ← {url}") as bar:
-                    while chunk := response.read(1 << 20):
-                        fh.write(chunk)
-                        bar.update(len(chunk))
+            _fetch(url, part, name)
             os.replace(part, archive)
             break
         except OSError as e:                    # URLError and HTTPError are OSErrors
@@ -370,15 +412,19 @@ def download_wikitext(name: str, *, root=None, urls: Optional[list] = None) -> P
     else:
         raise OSError(f"could not download {name}:\n  " + "\n  ".join(errors))
     unpacked = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder_name}."))
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(unpacked)
-    inner = unpacked / folder_name
-    if not all(p.exists() for p in _token_files(inner).values()):
-        raise OSError(f"the archive {archive} has no {folder_name}/wiki.*.tokens files.")
-    if folder.exists():                        # an incomplete earlier copy
-        shutil.rmtree(folder)
-    os.replace(inner, folder)
-    unpacked.rmdir()
+    try:
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(unpacked)
+        inner = unpacked / folder_name
+        if not all(p.exists() for p in _token_files(inner).values()):
+            raise OSError(f"the archive {archive} has no {folder_name}/wiki.*.tokens files.")
+        if not folder.exists():
+            os.replace(inner, folder)
+        else:                                   # an incomplete earlier copy: replace its files
+            for p in inner.iterdir():
+                os.replace(p, folder / p.name)
+    finally:
+        shutil.rmtree(unpacked, ignore_errors=True)     # the temporary folder (ours) goes
     archive.unlink()
     return folder
 

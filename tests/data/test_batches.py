@@ -5,7 +5,7 @@ import torch
 
 from deqlite import data
 from deqlite.data import batches
-from deqlite.data.batches import StreamBatches, eval_windows
+from deqlite.data.batches import StreamBatches, TrainBatches, eval_batches, eval_windows
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -127,5 +127,22 @@ def test_processes_take_disjoint_contiguous_rows():
     assert n_windows == [125, 125, 0]                     # 3 processes, 2 rows: one has none
     with pytest.raises(ValueError, match="divisible by the number of processes"):
         StreamBatches(tokens, 5, 8, world_size=2)
-    with pytest.raises(ValueError, match="shorter than seq_len = 500"):
+    with pytest.raises(ValueError, match=r"2,001 tokens, fewer than .* 6 × 500 \+ 1 = 3,001"):
         StreamBatches(tokens, 6, 500)
+
+
+def test_batches_reject_an_empty_dataset_and_a_rank_outside_the_run(cifar_root):
+    ds = data.load_dataset("cifar10", "test", root=cifar_root)
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 3), torch.zeros(0))
+    with pytest.raises(ValueError, match="the training set is empty"):
+        TrainBatches(empty, 4)
+    with pytest.raises(ValueError, match="the dataset to evaluate is empty"):
+        next(eval_batches(empty, 4))
+    with pytest.raises(ValueError, match="batch_size must lie in"):
+        next(eval_batches(ds, 0))
+    with pytest.raises(ValueError, match="rank 2 is not one of the 2 processes, numbered 0 to 1"):
+        TrainBatches(ds, 2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="rank must lie in"):
+        StreamBatches(torch.arange(100), 2, 4, rank=-1, world_size=2)
+    with pytest.raises(ValueError, match="world_size must lie in"):
+        next(eval_windows(torch.arange(100), 2, 4, world_size=0))
