@@ -2,7 +2,9 @@
 file behind."""
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -21,19 +23,35 @@ def data_root(root: Optional[str | os.PathLike] = None) -> Path:
     return checkout if checkout.is_dir() else Path.cwd() / "data"
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, then rename it over `path`: an interrupted
+def atomic_write(data: bytes, path: str | os.PathLike) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`: an interrupted
     write leaves the previous file intact (os.replace is atomic on one file system), and
-    processes writing the same path at once each rename a complete file of their own."""
+    processes writing the same path at once each rename a complete file of their own. A failed
+    write (a full disk) raises an OSError that says where, how much was needed and how much is
+    free; the previous file is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        free = shutil.disk_usage(path.parent).free
+        kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}. It needs "
+                               f"{len(data) / 2**20:.1f} MiB; {free / 2**20:.1f} MiB are free in "
+                               f"{path.parent}; {kept}. Free some space or write elsewhere.") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)``, written with ``atomic_write`` (serialized in memory first, so a
+    full disk fails cleanly and the previous file survives)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(buffer.getvalue(), path)

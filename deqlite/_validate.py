@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import math
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -89,11 +90,13 @@ def check_tensor(t: Any, name: str, *, min_dim: int = 1) -> None:
 
 def check_range(value: Any, name: str, *, low: float | None = None, high: float | None = None,
                 low_open: bool = False, integer: bool = False) -> None:
-    """`value` is a number in [low, high] (or (low, high] with low_open)."""
+    """`value` is a number in [low, high] (or (low, high] with low_open); never NaN."""
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, "
                         f"got {value!r}.")
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a number, got nan.")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and value > high
     if too_low or too_high:

@@ -3,6 +3,8 @@
     python -m deqlite.train --config mnist [--set epochs=3] [--log runs/mnist.jsonl]
     python -m deqlite.train --config cifar10_mdeq_tiny --set amp=bf16 --set channels_last=true
     python -m deqlite.train --config cifar10_mdeq_tiny --resume        # go on from runs/NAME.pt
+    python -m deqlite.train --config mnist --resume --set epochs=8     # train a finished run further
+    python -m deqlite.train --config mnist --overwrite                 # start afresh over runs/mnist.*
     # one machine with 4 GPUs, one process each (batch_size stays the global batch):
     torchrun --standalone --nproc-per-node 4 -m deqlite.train --config imagenet_mdeq_small_jr \
         --set amp=bf16 --set channels_last=true --set num_workers=8
@@ -19,16 +21,32 @@ abbreviation of its options). ImageNet: ``export DEQLITE_DATA=/folder/with/image
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
+from .checkpoint import files_in_use_message, load_checkpoint, run_files_in_use
+from .config import RESUMABLE, TrainConfig
 from .configs import PRESETS, load_preset
 from .distributed import Place, shutdown_distributed
 from .trainer import Trainer
 
+RUN_FILES = """\
+run files:
+  runs/CONFIG.jsonl   the log: one JSON record per step and evaluation, only ever appended to
+                      (read it with deqlite.train.read_log, draw it live with dashboard.follow)
+  runs/CONFIG.pt      the checkpoint: written atomically with a checksum at the end of every
+                      epoch (checkpoint_every), and on Ctrl-C
+A fresh run never touches an existing run's files: it stops and asks for --resume, other
+--log/--checkpoint paths, or --overwrite. --resume needs the checkpoint, keeps the run's
+settings and accepts only --set epochs=/max_steps= (train further) and --set for
+log_path, checkpoint_path, data_root, download, num_workers, device.
+"""
+
 
 def _arguments(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m deqlite.train",
+    parser = argparse.ArgumentParser(prog="python -m deqlite.train", epilog=RUN_FILES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Train a preset (under torchrun: on every process).")
     parser.add_argument("--config", required=True, help=f"preset name: {', '.join(PRESETS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -37,32 +55,86 @@ def _arguments(argv) -> argparse.Namespace:
                         help="JSONL log path (default runs/CONFIG.jsonl); spell it --log-path under "
                              "torchrun, whose own parser takes --log for an abbreviation of its options")
     parser.add_argument("--checkpoint", help="checkpoint path (default runs/CONFIG.pt)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="go on with the run whose checkpoint is at --checkpoint")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start afresh, deleting the log and checkpoint of the run at these paths")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = _arguments(argv)
+def _config(args) -> TrainConfig:
+    """The preset with the --set overrides and the run's paths, validated before any file is
+    touched."""
     try:
         config = load_preset(args.config, args.set)
     except ValueError as e:
         raise SystemExit(f"--set: {e}") from None
-    config.setdefault("log_path", args.log or f"runs/{args.config}.jsonl")
-    config.setdefault("checkpoint_path", args.checkpoint or f"runs/{args.config}.pt")
-    if args.log:
-        config["log_path"] = args.log
-    if args.checkpoint:
-        config["checkpoint_path"] = args.checkpoint
+    config["log_path"] = args.log or config.get("log_path") or f"runs/{args.config}.jsonl"
+    config["checkpoint_path"] = (args.checkpoint or config.get("checkpoint_path")
+                                 or f"runs/{args.config}.pt")
+    try:
+        return TrainConfig.from_dict(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"--config {args.config} --set ...: {e.args[0] if e.args else e}") from None
+
+
+def _resume_changes(config: TrainConfig, state: dict, path: str) -> dict:
+    """The settings the command line changes against the checkpoint's run: only those in
+    RESUMABLE are allowed (a typo'd key has already failed in _config)."""
+    saved = dataclasses.asdict(TrainConfig.from_dict(state["config"]))
+    given = dataclasses.asdict(config)
+    changed = {k: v for k, v in given.items() if v != saved[k]}
+    fixed = [k for k in changed if k not in RESUMABLE]
+    if fixed:
+        lines = "\n".join(f"  {k}: the run has {saved[k]!r}, the command asks for {given[k]!r}"
+                           for k in fixed)
+        raise SystemExit(f"--resume: {path} is a run with other settings:\n{lines}\n"
+                         f"A resumed run keeps its settings (it may change only "
+                         f"{', '.join(RESUMABLE)}). Drop those --set, or start a new run with "
+                         f"other --log/--checkpoint paths.")
+    return changed
+
+
+def _trainer(args, config: TrainConfig, main_process: bool) -> Trainer | None:
+    """The run to train: resumed from its checkpoint, or fresh on free paths; None when a
+    resumed run has nothing left to do."""
+    log, checkpoint = config.log_path, config.checkpoint_path
+    if not args.resume:
+        taken = run_files_in_use(log, checkpoint) if main_process else []
+        if taken and not args.overwrite:
+            raise SystemExit(files_in_use_message(taken, cli=True))
+        return Trainer(config, overwrite=args.overwrite)
+    if not Path(checkpoint).exists():
+        raise SystemExit(f"--resume: no checkpoint at {checkpoint}"
+                         + (f" (the log {log} exists: the run stopped before its first "
+                            f"checkpoint; start afresh with --overwrite)" if Path(log).exists()
+                            else "; start a fresh run without --resume")
+                         + ", or give its path with --checkpoint.")
+    try:
+        state = load_checkpoint(checkpoint)
+        changes = _resume_changes(config, state, checkpoint)
+        trainer = Trainer.resume(checkpoint, **changes)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"--resume: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    if trainer.step >= trainer.total_steps and not trainer.pending_eval:
+        if main_process:
+            print(f"{checkpoint}: the run finished at step {trainer.step}/{trainer.total_steps}; "
+                  f"nothing to train. To train further: --resume --set epochs=N (now "
+                  f"{config.epochs}) or --set max_steps=N.")
+        return None
+    return trainer
+
+
+def main(argv=None) -> None:
+    args = _arguments(argv)
+    config = _config(args)
     main_process = Place.from_env().is_main
     finished = False
     try:
-        if args.resume and Path(config["checkpoint_path"]).exists():
-            trainer = Trainer.resume(config["checkpoint_path"], log_path=config["log_path"],
-                                     checkpoint_path=config["checkpoint_path"])
-        else:
-            if main_process and config.get("log_path") and Path(config["log_path"]).exists():
-                Path(config["log_path"]).unlink()
-            trainer = Trainer(config)
+        trainer = _trainer(args, config, main_process)
+        if trainer is None:
+            return
         start = time.perf_counter()
         trainer.fit()
         finished = True
@@ -72,7 +144,7 @@ def main(argv=None) -> None:
     if main_process:
         print(f"{trainer.task.summary(final)}, forward NFE {final['fwd_nfe']}, "
               f"{time.perf_counter() - start:.1f} s, {trainer.place.world_size} process(es) "
-              f"(log: {config['log_path']}, checkpoint: {config['checkpoint_path']})")
+              f"(log: {config.log_path}, checkpoint: {config.checkpoint_path})")
 
 
 if __name__ == "__main__":

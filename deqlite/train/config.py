@@ -18,6 +18,7 @@ The settings and what they do are the fields below (each with a comment); the gr
 from __future__ import annotations
 
 import dataclasses
+import math
 import inspect
 from dataclasses import dataclass, field
 from typing import Optional
@@ -30,6 +31,10 @@ from ..data import is_text
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULES = ("cosine", "constant")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# what a resumed run may change: how far it trains, where its files and data are, how it loads
+# and which device it runs on (none changes the steps already taken); anything else is a new run
+RESUMABLE = ("epochs", "max_steps", "log_path", "checkpoint_path", "data_root", "download",
+             "num_workers", "device")
 
 
 @dataclass
@@ -98,10 +103,20 @@ class TrainConfig:
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         for name in ("epochs", "batch_size", "eval_batch_size", "seq_len"):
             check_range(getattr(self, name), name, low=1, integer=True)
+        for name in ("limit_train", "limit_test", "max_steps"):      # None: no limit
+            if getattr(self, name) is not None:
+                check_range(getattr(self, name), name, low=1, integer=True)
+        for name in ("model_options", "optimizer_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"{name} must be a dict of options, e.g. --set {name}.KEY=VALUE; "
+                                f"got {getattr(self, name)!r}.")
+        _check_device(self.device)
         for name in ("pretrain_steps", "pretrain_depth", "checkpoint_every", "seed", "num_workers",
                      "jac_reg_ramp_steps", "eval_jacobian_samples", "eval_every"):
             check_range(getattr(self, name), name, low=0, integer=True)
-        check_range(self.lr, "lr", low=0, low_open=True)
+        check_range(self.lr, "lr", low=0, low_open=True, high=math.inf)
+        if math.isinf(self.lr):
+            raise ValueError("lr must be finite, got inf.")
         check_range(self.lr_min, "lr_min", low=0, high=self.lr)
         if self.lr_min and self.schedule != "cosine":
             raise ValueError(f"lr_min applies to the cosine schedule; schedule is {self.schedule!r}.")
@@ -122,6 +137,20 @@ class TrainConfig:
                 if getattr(self, name) not in (False, None):
                     raise ValueError(f"{name} applies to images; dataset {self.dataset!r} is text "
                                      f"(token windows of seq_len). Leave {name} unset.")
+
+
+def _check_device(name) -> None:
+    """"auto", or a torch device string: "cpu", "cuda", "cuda:1", "mps"."""
+    valid = "\"auto\", \"cpu\", \"cuda\", \"cuda:N\" or \"mps\""
+    if not isinstance(name, str):
+        raise TypeError(f"device must be a string ({valid}); got {name!r}.")
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        hint = " (PyTorch calls a GPU \"cuda\")" if name.lower().startswith("gpu") else ""
+        raise ValueError(f"device {name!r} is not a device{hint}: use {valid}.") from None
 
 
 def _check_optimizer_options(name: str, options: dict) -> None:

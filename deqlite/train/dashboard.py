@@ -8,13 +8,15 @@ Each is a ``deqlite.plots.LiveFigure``: one picture in the notebook, redrawn in 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 from matplotlib.figure import Figure
 
 from ..plots import LiveFigure
-from .log import read_log
+from .._validate import did_you_mean
+from .log import LogLines, LogWarning, read_lines, skipped_message
 
 
 class TrainingDashboard(LiveFigure):
@@ -149,27 +151,52 @@ class RunComparison(LiveFigure):
         return log
 
 
+def _missing_log(log_path: Path) -> FileNotFoundError:
+    others = sorted(p.name for p in log_path.parent.glob("*.jsonl")) if log_path.parent.is_dir() else []
+    where = f"{log_path.parent} holds {', '.join(others)}" if others else \
+        (f"{log_path.parent} holds no log" if log_path.parent.is_dir()
+         else f"the folder {log_path.parent} does not exist")
+    return FileNotFoundError(f"no run log at {log_path}: {where}.{did_you_mean(log_path.name, others)}")
+
+
 def follow(log_path, *, poll: float = 2.0, timeout: Optional[float] = None,
-           dashboard: Optional[TrainingDashboard] = None, process=None) -> TrainingDashboard:
+           dashboard: Optional[TrainingDashboard] = None, process=None,
+           start_timeout: float = 120.0) -> TrainingDashboard:
     """Live dashboard of a run that writes its JSONL log elsewhere (a GPU job in a terminal).
 
     Reads new lines every `poll` seconds and stops when the run writes its ``{"event": "done"}``
     record, when `process` (a ``subprocess.Popen`` of the run, if you started it) has exited, or
     after `timeout` seconds. To go on watching, call ``follow(log_path, dashboard=d)`` with the
     dashboard it returned: it continues after the records already drawn. Safe to interrupt; the
-    dashboard keeps what it has drawn.
+    dashboard keeps what it has drawn. A log that does not exist yet is waited for up to
+    `start_timeout` seconds (a run loading its data), then a ``FileNotFoundError`` names the logs
+    that do exist; a folder that does not exist fails at once. Lines that are not records are
+    skipped, with one ``LogWarning`` that counts them.
     """
+    log_path = Path(log_path)
+    if not log_path.parent.is_dir():
+        raise _missing_log(log_path)
     dashboard = dashboard or TrainingDashboard(title=f"following {log_path}")
     start = time.perf_counter()
     seen = getattr(dashboard, "records_followed", 0)
+    warned = 0
     try:
         while True:
             exited = process is not None and process.poll() is not None   # before the last read
-            records = read_log(log_path) if Path(log_path).exists() else []
-            for record in records[seen:]:
+            if not log_path.exists():
+                if exited or (process is None and time.perf_counter() - start >= start_timeout):
+                    raise _missing_log(log_path)
+                lines = LogLines()
+            else:
+                lines = read_lines(log_path)
+            if len(lines.bad_lines) > warned:
+                warnings.warn(skipped_message(log_path, lines.bad_lines), LogWarning, stacklevel=2)
+                warned = len(lines.bad_lines)
+            for record in lines.records[seen:]:
                 dashboard.log(record)
-            seen = dashboard.records_followed = len(records)
-            done = any(r.get("event") == "done" for r in records)
+            seen = dashboard.records_followed = len(lines.records)
+            events = [r["event"] for r in lines.records if "event" in r]
+            done = bool(events) and events[-1] == "done"
             if done or exited or (timeout is not None and time.perf_counter() - start >= timeout):
                 break
             time.sleep(poll)

@@ -35,12 +35,19 @@ At scale (the vision recipes):
 Determinism and resume: the model is initialised from ``seed``; the examples of step k and their
 random augmentation are a function of (seed, k) (``deqlite.data.batches``), and the step's own
 random draws (dropout masks, Hutchinson probes) come from torch's generator seeded by
-(seed, k, rank). A checkpoint holds the model, optimizer, schedule, gradient scaler and step, so
-a run resumed from it -- at any step, in-memory or streamed data, with any ``num_workers`` -- ends
-exactly where the uninterrupted run ends, given the same number of processes (on a GPU, up to the
-nondeterminism of some CUDA kernels). With another number of processes it goes on, but not bit
-for bit. A text run resumes exactly on the same token stream: for ``stdlib_chars``, under the
-same Python version. The command line is ``python -m deqlite.train`` (``deqlite.train.__main__``).
+(seed, k, rank). A checkpoint holds the model, optimizer, schedule, gradient scaler, step and an
+evaluation still due, so a run resumed from it -- at any step, in-memory or streamed data, with
+any ``num_workers``, after a Ctrl-C anywhere (during the optimizer's update it waits for the
+update to finish; during an evaluation the resumed run evaluates first) -- ends exactly where the
+uninterrupted run ends, given the same number of processes (on a GPU, up to the nondeterminism of
+some CUDA kernels). With another number of processes it goes on, but not bit for bit. A text run
+resumes exactly on the same token stream: for ``stdlib_chars``, under the same Python version.
+
+Nothing is lost, nothing silent: a fresh run never touches an existing run's log or checkpoint
+(``overwrite=True`` to replace them); the log is only appended to; checkpoints carry a checksum
+(``deqlite.train.checkpoint``); a NaN/inf loss or gradient stops the run with
+``TrainingDiverged`` before the update, and NaN weights are never checkpointed. The command line
+is ``python -m deqlite.train`` (``deqlite.train.__main__``).
 """
 from __future__ import annotations
 
@@ -56,14 +63,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .._files import atomic_save
 from .._validate import lookup
 from ..models import MODELS, build_model
 from . import deq_hooks
-from .config import AMP, OPTIMIZERS, TrainConfig
+from .checkpoint import (deferred_interrupt, files_in_use_message, load_checkpoint,
+                         run_files_in_use, save_checkpoint)
+from .config import AMP, OPTIMIZERS, RESUMABLE, TrainConfig
 from .distributed import Place, all_reduce, init_distributed, resolve_device
-from .log import append_done, append_record, truncate_log
+from .log import append_done, append_record, append_resume
 from .tasks import task_for
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the gradient of a training step is NaN/inf: the step is not taken."""
 
 
 class Trainer:
@@ -74,9 +86,14 @@ class Trainer:
     Under torchrun, build one Trainer in every process (``python -m deqlite.train`` does).
     ``data``: the (train, held-out) datasets to train on instead of loading ``config.dataset``
     (which still says what kind of task it is), e.g. synthetic ones for a benchmark.
+
+    The run's files are its own: a fresh run whose ``log_path`` or ``checkpoint_path`` already
+    exists stops at ``fit()`` with a message (nothing is touched) unless ``overwrite=True``, which
+    deletes them first. ``Trainer.resume(checkpoint)`` goes on with that run instead.
     """
 
-    def __init__(self, config: TrainConfig | dict, *, data: Optional[tuple] = None):
+    def __init__(self, config: TrainConfig | dict, *, data: Optional[tuple] = None,
+                 overwrite: bool = False):
         self.config = c = TrainConfig.coerce(config)
         self.place = Place.from_env()
         self.device = resolve_device(c.device, self.place)
@@ -97,6 +114,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: self._decay(s))
         self.step = 0
         self.history: list[dict] = []
+        self.overwrite, self._files_claimed = overwrite, False
+        self.pending_eval = False          # an evaluation due at self.step that has not run yet
+        self._updating = False             # inside the optimizer's update
+        self.checkpoint_step: Optional[int] = None     # the step of the last checkpoint written
+        self._resumed_at: Optional[int] = None         # the checkpoint's step, for the log's mark
 
     @property
     def train_set(self):
@@ -153,22 +175,11 @@ class Trainer:
         probes = c.jac_reg_probes if regularize else 0
         start = time.perf_counter()
         self.model.train()
-        with self._deq_options(pretrain_steps=depth, jac_probes=probes), self._autocast():
-            out = self.task.forward(self.module if self.ddp is None else self.ddp, x, y)
+        out = self._forward(x, y, depth, probes)
         loss, acc = self.task.loss(out, y)
         jac_loss = self.deq.jac_loss if probes else None
         total = loss if jac_loss is None else loss + gamma * jac_loss
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()          # DDP averages the gradients over processes here
-        grad_norm = None
-        if c.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip).item()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.step += 1
+        grad_norm, lr = self._update(total)
         solver = deq_hooks.solver_metrics(self.deq, depth)
         mean_loss, acc, mean_jac = self._all_reduce(
             [loss.item(), acc, jac_loss.item() if jac_loss is not None else None], "sum")
@@ -184,6 +195,67 @@ class Trainer:
                     jac_loss=mean_jac / w if mean_jac is not None else None,
                     grad_norm=grad_norm, fwd_nfe=fwd_nfe, bwd_nfe=bwd_nfe,
                     residual=residual)
+
+    def _forward(self, x, y, depth: int, probes: int):
+        """The model on a training batch. Finite data that the trained model turns into NaN/inf
+        means the training diverged (not that the data is bad): said so."""
+        try:
+            with self._deq_options(pretrain_steps=depth, jac_probes=probes), self._autocast():
+                return self.task.forward(self.module if self.ddp is None else self.ddp, x, y)
+        except ValueError as e:
+            if "NaN" not in str(e) or self.step == 0 or not torch.isfinite(x).all():
+                raise
+            largest = max(p.detach().abs().max().item() for p in self.model.parameters())
+            raise TrainingDiverged(self._diverged(
+                f"the model turns a finite batch into NaN/inf after {self.step} step(s), its "
+                f"largest |weight| is {largest:.3g} (the DEQ says: {e})")) from e
+
+    def _update(self, total: torch.Tensor) -> tuple[float, float]:
+        """Backward, the gradient's global norm (clipped to ``grad_clip``), the optimizer's step;
+        returns it and the step's learning rate."""
+        self._check_finite("loss", total.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()          # DDP averages the gradients over processes here
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self._grad_norm()
+        self._check_finite("gradient norm", grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self._updating = True                       # until the step counter has moved with it
+        try:
+            self.scaler.step(self.optimizer)
+        except RuntimeError as e:                   # e.g. Adam's lr · m̂ beyond float32's range
+            if "overflow" not in str(e):
+                raise
+            raise TrainingDiverged(self._diverged(f"the optimizer's update overflows ({e})",
+                                                  updated="may be partly updated")) from None
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self._updating = False
+        return grad_norm, lr
+
+    def _grad_norm(self) -> float:
+        """The gradients' global norm, after clipping it to ``grad_clip`` when that is set."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.config.grad_clip is not None:
+            return torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip).item()
+        norms = [torch.linalg.vector_norm(p.grad) for p in params]
+        return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+    def _check_finite(self, what: str, value: float) -> None:
+        """Stop before the update when the loss or the gradient is NaN/inf (under fp16 the
+        gradient scaler skips such steps itself, and lowers its scale)."""
+        if not (math.isfinite(value) or self.scaler.is_enabled()):
+            raise TrainingDiverged(self._diverged(f"the {what} is {value}"))
+
+    def _diverged(self, what: str, updated: str = "were not updated") -> str:
+        c = self.config
+        kept = f"; the last checkpoint ({c.checkpoint_path}, step {self.checkpoint_step}) is " \
+               f"kept" if self.checkpoint_step is not None else ""
+        return (f"training diverged at step {self.step + 1}: {what} (lr "
+                f"{self.scheduler.get_last_lr()[0]:g}, grad_clip {c.grad_clip}). The weights "
+                f"{updated}{kept}. Lower lr, set grad_clip (--set grad_clip=1), or regularize the "
+                f"Jacobian (jac_reg_weight).")
 
     @torch.no_grad()
     def evaluate(self, batch_size: Optional[int] = None, *, split: Optional[str] = None) -> dict:
@@ -244,30 +316,65 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):
             return self._fit(callback, progress)
 
+    def _claim_files(self) -> None:
+        """Before a fresh run's first step: its log and checkpoint paths must be free (or
+        ``overwrite=True`` was asked for, and the old files go). Rank 0 decides; others write no
+        files."""
+        self._files_claimed = True
+        c = self.config
+        taken = run_files_in_use(c.log_path, c.checkpoint_path) if self.place.is_main else []
+        if taken and not self.overwrite:
+            self._files_claimed = False
+            raise FileExistsError(files_in_use_message(taken, cli=False))
+        for path in taken:
+            Path(path).unlink()
+
+    def _evaluation_due(self) -> bool:
+        c = self.config
+        return self.step % (c.eval_every or self.steps_per_epoch) == 0 \
+            or self.step == self.total_steps
+
     def _fit(self, callback, progress) -> list[dict]:
         c, main = self.config, self.place.is_main
+        if not self._files_claimed:
+            self._claim_files()
+        if self._resumed_at is not None and c.log_path and main:
+            append_resume(c.log_path, self._resumed_at)
+        self._resumed_at = None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress and main),
                    desc=f"{c.model} on {c.dataset}", unit="step")
         try:
-            while self.step < self.total_steps:
-                record = self.train_step()
-                self._record(record, callback)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", **self.task.progress(record),
-                                nfe=record["fwd_nfe"], refresh=False)
-                if self.step % (c.eval_every or self.steps_per_epoch) == 0 \
-                        or self.step == self.total_steps:
-                    self._record(self.evaluate(), callback)
+            while self.pending_eval or self.step < self.total_steps:
+                if not self.pending_eval:
+                    with deferred_interrupt(f"Stopping after step {self.step + 1} (Ctrl-C again "
+                                            f"to stop at once)."):
+                        record = self.train_step()
+                        self.pending_eval = self._evaluation_due()   # saved with an interrupt
+                        self._record(record, callback)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", **self.task.progress(record),
+                                    nfe=record["fwd_nfe"], refresh=False)
+                if self.pending_eval:
+                    evaluation = self.evaluate()
+                    self.pending_eval = False
+                    self._record(evaluation, callback)
                 every = c.checkpoint_every or self.steps_per_epoch
                 if c.checkpoint_path and (self.step % every == 0 or self.step == self.total_steps):
                     self.save_checkpoint()
         except KeyboardInterrupt:
-            if c.checkpoint_path:
-                self.save_checkpoint()
+            saved = ""
+            if self._updating:                      # a second Ctrl-C cut the update in half
+                saved = (f"; the update of step {self.step + 1} was cut off, so no checkpoint is "
+                         f"saved: resume from the last one, {c.checkpoint_path}")
+            elif c.checkpoint_path:
+                try:
+                    self.save_checkpoint()
+                    saved = f"; checkpoint saved to {c.checkpoint_path}"
+                except TrainingDiverged as e:
+                    saved = f"; {e}"
             if main:
-                print(f"Interrupted at step {self.step}/{self.total_steps}"
-                      + (f"; checkpoint saved to {c.checkpoint_path}" if c.checkpoint_path else "")
-                      + ". Call fit() again to continue.")
+                print(f"Interrupted at step {self.step}/{self.total_steps}{saved}. Call fit() "
+                      f"again to continue.")
             raise
         finally:
             bar.close()
@@ -276,24 +383,45 @@ class Trainer:
         return self.history
 
     def save_checkpoint(self, path: Optional[str] = None) -> None:
-        """Write the checkpoint (rank 0 only: every process holds the same state)."""
+        """Write the checkpoint (rank 0 only: every process holds the same state), atomically,
+        with a checksum (``deqlite.train.checkpoint``). Weights that are not finite are not saved
+        (the previous checkpoint stays)."""
         path = path or self.config.checkpoint_path
         if not path:
             raise ValueError("no checkpoint path: set config.checkpoint_path or pass path=...")
         if not self.place.is_main:
             return
-        atomic_save(dict(config=dataclasses.asdict(self.config), step=self.step,
-                         model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                         scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
-                         rng=torch.get_rng_state(),
-                         world_size=self.place.world_size, history=self.history), path)
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingDiverged(f"not saving {path} at step {self.step}: the weights "
+                                   f"{', '.join(bad[:4])} are NaN/inf (training diverged).")
+        save_checkpoint(dict(config=dataclasses.asdict(self.config), step=self.step,
+                             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                             scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                             rng=torch.get_rng_state(), pending_eval=self.pending_eval,
+                             world_size=self.place.world_size, history=self.history), path)
+        self.checkpoint_step = self.step
 
     @classmethod
-    def resume(cls, path: str, **overrides) -> "Trainer":
-        """A trainer restored from a checkpoint, ready to ``fit()`` on from where it stopped. The
-        JSONL log is cut back to that step, so records after the checkpoint are not duplicated."""
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        trainer = cls(TrainConfig.from_dict({**state["config"], **overrides}))
+    def resume(cls, path: str, *, data: Optional[tuple] = None, **changes) -> "Trainer":
+        """A trainer restored from the checkpoint at `path`, ready to ``fit()`` on from where it
+        stopped. The run keeps its settings; `changes` may set only those in
+        ``config.RESUMABLE``: ``epochs`` or ``max_steps`` to train further (the schedule stretches
+        to the new end), and where the files and data are, how they load, the device. The log
+        gets a ``resume`` record when ``fit()`` starts; the records an interrupted attempt wrote
+        after the checkpoint are superseded by it (``read_log``), never deleted."""
+        state = load_checkpoint(path)
+        fixed = sorted(set(changes) - set(RESUMABLE))
+        if fixed:
+            raise ValueError(f"a resumed run keeps its settings: {', '.join(fixed)} cannot change "
+                             f"(only {', '.join(RESUMABLE)} can). Start a new run for other "
+                             f"settings.")
+        config = TrainConfig.from_dict({**state["config"], **changes})
+        trainer = cls(config, data=data)
+        if trainer.total_steps < state["step"]:
+            raise ValueError(f"{path} is at step {state['step']}; with epochs={config.epochs}, "
+                             f"max_steps={config.max_steps} the run would end at step "
+                             f"{trainer.total_steps}, before it. A resumed run can only go on.")
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
@@ -301,12 +429,12 @@ class Trainer:
             trainer.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         trainer.step, trainer.history = state["step"], state["history"]
+        trainer.pending_eval = state.get("pending_eval", False)
+        trainer.checkpoint_step, trainer._files_claimed = state["step"], True
         saved_world = state.get("world_size", 1)
         if saved_world != trainer.place.world_size:
             warnings.warn(f"{path} was written by a run with {saved_world} process(es), resumed with "
                           f"{trainer.place.world_size}: the run goes on, but not bit for bit as it "
                           f"would have.", stacklevel=2)
-        log = trainer.config.log_path
-        if log and Path(log).exists() and trainer.place.is_main:
-            truncate_log(log, trainer.step)
+        trainer._resumed_at = trainer.step            # fit() marks it in the log
         return trainer
