@@ -76,13 +76,16 @@ def step_seed(config: TrainConfig, step: int, rank: int) -> int:
 
 
 def solver_metrics(deq: Optional[DEQ], depth: int) -> dict:
-    """Forward and backward NFE and the worst final relative residual of the DEQ's last call
-    (during the warm-up: ``depth`` applications of f and nothing else; None for no DEQ)."""
+    """Forward and backward NFE, the worst final relative residual of the DEQ's last call, and
+    ``nonfinite``: how many samples its forward and adjoint solves lost to NaN/inf (during the
+    warm-up: ``depth`` applications of f and nothing else; None for no DEQ)."""
     if deq is None or deq.forward_stats is None:
-        return dict(fwd_nfe=depth if deq is not None else None, bwd_nfe=None, residual=None)
-    bwd = deq.backward_stats
-    return dict(fwd_nfe=deq.forward_stats.nfe, bwd_nfe=bwd.nfe if bwd is not None else None,
-                residual=deq.forward_stats.final_rel.max().item())
+        return dict(fwd_nfe=depth if deq is not None else None, bwd_nfe=None, residual=None,
+                    nonfinite=0 if deq is not None else None)
+    fwd, bwd = deq.forward_stats, deq.backward_stats
+    lost = fwd.num_nonfinite + (bwd.num_nonfinite if bwd is not None else 0)
+    return dict(fwd_nfe=fwd.nfe, bwd_nfe=bwd.nfe if bwd is not None else None,
+                residual=fwd.final_rel.max().item(), nonfinite=lost)
 
 
 def jacobian_metrics(module: nn.Module, inputs: torch.Tensor) -> dict:

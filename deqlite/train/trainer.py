@@ -8,20 +8,20 @@ seed, the DEQ's knobs for this step, forward, loss (+ γ_t · ‖J‖²_F / d wh
 backward, clip, optimizer and schedule, one record.
 
 Records: every training step logs its loss and the task's quality (accuracy; or bits per token
-and perplexity), ``lr``, throughput, for a DEQ the forward NFE (solving z* = f(z*, x)), backward
-NFE (solving the adjoint g = Jᵀ g + ∂ℓ/∂z*), the final relative residual, and ``jac_weight`` (γ_t)
-and ``jac_loss`` (the estimate, when applied). Evaluations (every ``eval_every`` steps, or at the
-end of each epoch) log the held-out loss and quality, the mean forward NFE, and ρ(J) and
+and perplexity), ``lr``, ``grad_norm``, throughput, for a DEQ the forward NFE (solving
+z* = f(z*, x)), backward NFE (solving g = Jᵀ g + ∂ℓ/∂z*), the final relative residual,
+``nonfinite`` (samples the solves lost to NaN/inf, counted under any ``on_fail``), ``jac_weight``
+(γ_t) and ``jac_loss`` (when applied). Evaluations (every ``eval_every`` steps, or at the end of
+each epoch) log the held-out loss and quality, mean forward NFE, ``nonfinite``, and ρ(J) and
 ‖J‖²_F / d at z* on the first ``eval_jacobian_samples`` held-out examples.
 
 At scale (the vision recipes):
 * ``amp="bf16"`` / ``"fp16"``: the model's forward runs under ``torch.autocast`` (fp16 with a
   gradient scaler); the loss is taken in float32, the weights stay float32. The solver keeps the
   state's dtype: on CUDA, autocast runs GroupNorm in float32, so cells that end in it (MDEQ's)
-  keep float32 states; a cell whose output is rounded to bf16 (on CPU) cannot get its relative
-  residual much below ~2e-3, so give its DEQ a tol of that order.
+  keep float32 states; a state rounded to bf16 (on CPU) stalls at a relative residual ~2e-3.
 * ``channels_last``: conv weights and input images in NHWC memory layout (faster convs on GPUs).
-* ``grad_clip``: clip the gradient's global norm (the MDEQ recipes do); ``grad_norm`` is logged.
+* ``grad_clip``: clip the gradient's global norm (the MDEQ recipes do).
 * Datasets read from disk (ImageNet) stream through a ``DataLoader`` with ``num_workers`` worker
   processes (pinned memory on CUDA); in-memory ones are indexed directly.
 * Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every process trains on its part of
@@ -181,8 +181,9 @@ class Trainer:
         total = loss if jac_loss is None else loss + gamma * jac_loss
         grad_norm, lr = self._update(total)
         solver = deq_hooks.solver_metrics(self.deq, depth)
-        mean_loss, acc, mean_jac = self._all_reduce(
-            [loss.item(), acc, jac_loss.item() if jac_loss is not None else None], "sum")
+        mean_loss, acc, mean_jac, lost = self._all_reduce(
+            [loss.item(), acc, jac_loss.item() if jac_loss is not None else None,
+             solver["nonfinite"]], "sum")
         fwd_nfe, bwd_nfe, residual = self._all_reduce(
             [solver["fwd_nfe"], solver["bwd_nfe"], solver["residual"]], "max")
         fwd_nfe, bwd_nfe = (None if n is None else int(n) for n in (fwd_nfe, bwd_nfe))
@@ -194,7 +195,7 @@ class Trainer:
                     jac_weight=gamma if c.jac_reg_weight or c.pretrain_jac_reg_weight else None,
                     jac_loss=mean_jac / w if mean_jac is not None else None,
                     grad_norm=grad_norm, fwd_nfe=fwd_nfe, bwd_nfe=bwd_nfe,
-                    residual=residual)
+                    residual=residual, nonfinite=None if lost is None else int(lost))
 
     def _forward(self, x, y, depth: int, probes: int):
         """The model on a training batch. Finite data that the trained model turns into NaN/inf
@@ -243,10 +244,12 @@ class Trainer:
         return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
     def _check_finite(self, what: str, value: float) -> None:
-        """Stop before the update when the loss or the gradient is NaN/inf (under fp16 the
-        gradient scaler skips such steps itself, and lowers its scale)."""
+        """Stop before the update on a NaN/inf loss or gradient (fp16's scaler skips those)."""
         if not (math.isfinite(value) or self.scaler.is_enabled()):
-            raise TrainingDiverged(self._diverged(f"the {what} is {value}"))
+            stats = self.deq.forward_stats if self.deq is not None else None
+            lost = f"; the DEQ's solve lost {stats.num_nonfinite} of {stats.converged.numel()} " \
+                   f"samples to NaN/inf" if stats is not None and stats.num_nonfinite else ""
+            raise TrainingDiverged(self._diverged(f"the {what} is {value}{lost}"))
 
     def _diverged(self, what: str, updated: str = "were not updated") -> str:
         c = self.config
@@ -269,7 +272,7 @@ class Trainer:
         dataset = self.test_set if own else self.task.load(split, c.limit_test)
         self.model.eval()
         depth = deq_hooks.warm_up_depth(c, self.step)
-        loss = correct = count = nfe = batches = 0.0
+        loss = correct = count = nfe = batches = lost = 0.0
         residual: Optional[float] = -math.inf
         start = time.perf_counter()
         with self._deq_options(pretrain_steps=depth):
@@ -283,8 +286,9 @@ class Trainer:
                 nfe = nfe + m["fwd_nfe"] if m["fwd_nfe"] is not None and nfe is not None else None
                 residual = None if m["residual"] is None or residual is None \
                     else max(residual, m["residual"])
-                batches += 1
-        loss, correct, count, nfe, batches = self._all_reduce([loss, correct, count, nfe, batches], "sum")
+                batches, lost = batches + 1, lost + (m["nonfinite"] or 0)
+        loss, correct, count, nfe, batches, lost = self._all_reduce(
+            [loss, correct, count, nfe, batches, lost], "sum")
         (residual,) = self._all_reduce([residual if residual != -math.inf else None], "max")
         seconds = time.perf_counter() - start
         n = c.eval_jacobian_samples
@@ -295,7 +299,7 @@ class Trainer:
                     loss=loss / count, **self.task.quality(loss / count, correct / count),
                     **self.task.eval_extra(split, count, seconds),
                     fwd_nfe=nfe / batches if nfe is not None else None, residual=residual,
-                    **jacobian)
+                    nonfinite=int(lost) if self.deq is not None else None, **jacobian)
 
     def _record(self, record: dict, callback) -> None:
         """Keep the record (every process), append it to the log (rank 0), pass it to `callback`."""
@@ -317,9 +321,7 @@ class Trainer:
             return self._fit(callback, progress)
 
     def _claim_files(self) -> None:
-        """Before a fresh run's first step: its log and checkpoint paths must be free (or
-        ``overwrite=True`` was asked for, and the old files go). Rank 0 decides; others write no
-        files."""
+        """A fresh run's log and checkpoint paths must be free, or ``overwrite=True`` (rank 0)."""
         self._files_claimed = True
         c = self.config
         taken = run_files_in_use(c.log_path, c.checkpoint_path) if self.place.is_main else []
@@ -383,11 +385,9 @@ class Trainer:
         return self.history
 
     def save_checkpoint(self, path: Optional[str] = None) -> None:
-        """Write the checkpoint (rank 0 only: every process holds the same state), atomically,
-        with a checksum (``deqlite.train.checkpoint``). Weights that are not finite are not saved
-        (the previous checkpoint stays)."""
-        path = path or self.config.checkpoint_path
-        if not path:
+        """Write the checkpoint atomically with a checksum (rank 0 only: every process holds the
+        same state); NaN/inf weights are refused (the previous checkpoint stays)."""
+        if not (path := path or self.config.checkpoint_path):
             raise ValueError("no checkpoint path: set config.checkpoint_path or pass path=...")
         if not self.place.is_main:
             return

@@ -10,6 +10,7 @@ import signal
 import pytest
 import torch
 
+from deqlite.stats import DEQNonFiniteWarning
 from deqlite.train import (CheckpointError, Trainer, TrainConfig, TrainingDiverged,
                            load_checkpoint, read_log)
 from deqlite.train import __main__ as cli
@@ -381,3 +382,23 @@ def test_old_checkpoints_without_an_envelope_still_load(checkpoint, tmp_path):
     with pytest.warns(UserWarning, match="older deqlite, without a checksum"):
         assert load_checkpoint(tmp_path / "old.pt")["step"] == state["step"]
     assert json.dumps(state["config"])           # the config stays plain data
+
+
+def test_samples_lost_to_nan_are_named_and_logged_even_under_on_fail_ignore(tmp_path, monkeypatch):
+    config = small_config(tmp_path, epochs=1, log_path=None, checkpoint_path=None)
+    trainer = Trainer(config)
+    assert trainer.deq.on_fail == "ignore"
+    real = type(trainer.deq.cell).forward
+
+    def poisoned(self, z, injection):                  # sample 0's state turns NaN
+        out = real(self, z, injection)
+        return torch.cat([out[:1] * float("nan"), out[1:]])
+
+    monkeypatch.setattr(type(trainer.deq.cell), "forward", poisoned)
+    with pytest.warns(DEQNonFiniteWarning), pytest.raises(
+            TrainingDiverged, match="the loss is nan; the DEQ's solve lost 1 of 32 samples"):
+        trainer.train_step()
+    with pytest.warns(DEQNonFiniteWarning):
+        assert trainer.evaluate()["nonfinite"] == 1                  # one per held-out batch
+    monkeypatch.undo()
+    assert trainer.evaluate()["nonfinite"] == 0
