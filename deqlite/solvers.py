@@ -15,6 +15,11 @@ and the same batch conventions:
   changing; the loop ends when every sample is done or after ``max_iter`` evaluations of f.
 * The returned z is, per sample, the best iterate seen (lowest residual), so a solve that fails
   to converge still returns its best guess. ``stats.converged`` says which samples made it.
+* A sample whose f(z) goes NaN/inf stops there (``stats.nonfinite``); it keeps its best finite
+  iterate, or becomes NaN if it never had one: a lost sample never comes back as z0.
+* f must return a state like its input (batch size, shape, dtype, device; under ``torch.autocast``
+  the dtype may differ), and every setting is checked before the first iteration: a number in its
+  range, never NaN or inf (``check_settings``; ``SolverSpec`` checks them when it is made).
 * f is evaluated exactly once per iteration, so ``stats.nfe`` is the number of iterations.
 
 The three methods (see each docstring for the math):
@@ -37,7 +42,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ._validate import check_options, check_range, check_stop, check_tensor, lookup
+from ._validate import check_options, check_stop, check_tensor, lookup
 from .stats import SolverStats, residuals
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -98,15 +103,65 @@ def _is_state(x: Any) -> bool:
                                            and all(isinstance(t, torch.Tensor) for t in x))
 
 
+def _describe(state: Any) -> str:
+    """``"shape (2, 3), torch.float32, cpu"`` for a tensor state, the same per entry for a list."""
+    if isinstance(state, torch.Tensor):
+        return f"shape {tuple(state.shape)}, {state.dtype}, {state.device}"
+    if _is_state(state):
+        return "[" + "; ".join(_describe(t) for t in state) + "]"
+    return f"a {type(state).__name__}"
+
+
+# --- the settings: each a number in its range, never NaN or inf ---------------------------------
+
+# name: (low, high, low_open, integer, what it is), for every solver's settings and options
+SETTINGS = {
+    "tol": (0, None, False, False, "the residual to stop at; 0 runs exactly max_iter steps"),
+    "max_iter": (1, None, False, True, "the most evaluations of f"),
+    "damping": (0, 1, True, False, "forward_iteration's step size τ"),
+    "m": (1, None, False, True, "anderson's history length"),
+    "beta": (0, 1, True, False, "anderson's mixing weight"),
+    "lam": (0, None, False, False, "anderson's relative regularizer"),
+    "memory": (1, None, False, True, "broyden's number of rank-one updates"),
+}
+
+
+def check_setting(name: str, value: Any) -> None:
+    """``value`` is a valid ``SETTINGS[name]``: a number (not a bool) in its range, never NaN or
+    inf. The error names the setting, what it is, the valid range and the value."""
+    low, high, low_open, integer, what = SETTINGS[name]
+    interval = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'} in {interval} "
+                        f"({what}), got {value!r}.")
+    too_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or too_low or (high is not None and value > high):
+        raise ValueError(f"{name} must lie in {interval} ({what}), got {value!r}.")
+
+
+def check_settings(tol: Any, max_iter: Any, stop: Any, options: Mapping[str, Any]) -> None:
+    """The stopping rule and a solver's options (``SETTINGS``), checked before any iteration.
+    With ``stop="rel"`` tol must also be below 1: z = 0 has a relative residual of 1, so a tol of
+    1 or more would accept z0 = 0 as converged without a single step."""
+    check_setting("tol", tol)
+    check_setting("max_iter", max_iter)
+    check_stop(stop)
+    if stop == "rel" and tol >= 1:
+        raise ValueError(f"tol must be below 1 for stop='rel', got {tol!r}: a relative residual "
+                         f"‖f(z) − z‖ / ‖f(z)‖ of 1 is what z = 0 already has, so every sample "
+                         f"would count as converged at z0. Use tol ≈ 1e-4, or stop='abs'.")
+    for name, value in options.items():
+        if name in SETTINGS:
+            check_setting(name, value)
+
+
 class _Tracker:
     """Bookkeeping every solver shares: counts evaluations, records residuals, judges
     convergence per sample and keeps the best iterate of each sample."""
 
     def __init__(self, name: str, f, z0: State, tol, max_iter, stop, callback):
         self.z0, self.spec = flatten_state(z0, "z0")          # (batch, D) and how to undo it
-        check_range(tol, "tol", low=0)
-        check_range(max_iter, "max_iter", low=1, integer=True)
-        check_stop(stop)
+        check_settings(tol, max_iter, stop, {})
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(iteration, abs_res, rel_res).")
         self.name, self.f, self.tol, self.stop, self.callback = name, f, tol, stop, callback
@@ -120,6 +175,7 @@ class _Tracker:
         self.best_z = z0
         self.best_abs = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
         self.best_rel = torch.full_like(self.best_abs, float("inf"))
+        self.dtype = z0.dtype              # the least precise of the state's and f's (autocast)
         self.start = time.perf_counter()
 
     @property
@@ -133,13 +189,8 @@ class _Tracker:
     def evaluate(self, z: torch.Tensor) -> torch.Tensor:
         """f at the flat iterate z (batch, D): record its residual, update the per-sample
         bookkeeping, and return f(z) flattened."""
-        fz = self.f(unflatten_state(z, self.spec))
-        fz, spec = flatten_state(fz, "f(z)", check=False) if _is_state(fz) else (fz, None)
-        if spec != self.spec:
-            got = spec if spec is not None else type(fz).__name__
-            raise ValueError(f"f returned a state of shape {got} (batch dimension left out) for a "
-                             f"state of shape {self.spec}: a fixed-point map must return a state "
-                             f"of the same shape as its input.")
+        state = unflatten_state(z, self.spec)
+        fz = self._check_image(self.f(state), state, z)
         self.nfe += 1
         with torch.no_grad():
             r_abs, r_rel = residuals(fz, z)
@@ -157,16 +208,40 @@ class _Tracker:
             self.callback(self.nfe, r_abs, r_rel)
         return fz
 
+    def _check_image(self, fz: Any, state: State, z: torch.Tensor) -> torch.Tensor:
+        """f's return value, flattened, once it is known to be a state like its input (cheap
+        attribute checks, no host sync)."""
+        flat, spec = flatten_state(fz, "f(z)", check=False) if _is_state(fz) else (None, None)
+        ok = flat is not None and spec == self.spec and flat.shape[0] == z.shape[0] \
+            and flat.device == z.device
+        if ok and flat.dtype != z.dtype:
+            ok = torch.is_autocast_enabled(z.device.type)   # autocast changes dtypes on purpose
+            if ok and torch.finfo(flat.dtype).eps > torch.finfo(self.dtype).eps:
+                self.dtype = flat.dtype
+        if not ok:
+            raise ValueError(
+                f"f(z) returned {_describe(fz)} for a state of {_describe(state)}: a fixed-point "
+                f"map must return a state of the same shape (batch size included), dtype and "
+                f"device as its input, since the solver mixes the two. Make f and its state "
+                f"agree, e.g. cast inside f with .to(z.dtype), build the state with the cell's "
+                f"dtype and device (or the cell with the state's: cell.double()), or return the "
+                f"whole batch.")
+        return flat
+
     def finish(self) -> tuple[torch.Tensor, SolverStats]:
         if self.best_z.is_cuda:
             torch.cuda.synchronize(self.best_z.device)
+        # a sample lost to NaN/inf before any finite iterate has no answer: NaN, not z0
+        never = ~torch.isfinite(self.best_abs)
+        best_z = self.best_z.masked_fill(never[:, None], float("nan"))
         stats = SolverStats(
             solver=self.name, nfe=self.nfe,
             abs_residuals=torch.stack(self.abs_trace), rel_residuals=torch.stack(self.rel_trace),
             converged=self.done.clone(), final_abs=self.best_abs.detach(),
             final_rel=self.best_rel.detach(), tol=self.tol, stop=self.stop,
-            wall_time=time.perf_counter() - self.start)
-        return unflatten_state(self.best_z, self.spec), stats
+            wall_time=time.perf_counter() - self.start, nonfinite=self.failed.clone(),
+            dtype=self.dtype)
+        return unflatten_state(best_z, self.spec), stats
 
 
 def forward_iteration(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
@@ -178,7 +253,7 @@ def forward_iteration(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str
     With τ = 1 this is plain iteration z ← f(z); it converges linearly, at rate ρ(J_f), when f
     is a contraction. τ < 1 trades speed for stability on maps that oscillate.
     """
-    check_range(damping, "damping", low=0, high=1, low_open=True)
+    check_setting("damping", damping)
     tr = _Tracker("forward_iteration", f, z0, tol, max_iter, stop, callback)
     z = tr.z0
     fz = tr.evaluate(z)
@@ -208,9 +283,8 @@ class AndersonMixer:
     whose dtype and device the buffers take)."""
 
     def __init__(self, batch: int, dim: int, *, m: int, beta: float, lam: float, like: torch.Tensor):
-        check_range(m, "m", low=1, integer=True)
-        check_range(beta, "beta", low=0, high=1, low_open=True)
-        check_range(lam, "lam", low=0)
+        for name, value in (("m", m), ("beta", beta), ("lam", lam)):
+            check_setting(name, value)
         self.m, self.beta, self.lam, self.k = m, beta, lam, 0
         self.X, self.F, self.G = (like.new_zeros(batch, m, dim) for _ in range(3))
         self.gram = torch.zeros(batch, m, m, dtype=torch.float64, device=like.device)
@@ -288,7 +362,7 @@ def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     only the oldest pair instead, as the DEQ research code does, leaves the remaining pairs
     inconsistent with each other and can blow up; restarting cannot.)
     """
-    check_range(memory, "memory", low=1, integer=True)
+    check_setting("memory", memory)
     tr = _Tracker("broyden", f, z0, tol, max_iter, stop, callback)
     z = tr.z0
     memory = min(memory, max_iter)
@@ -344,8 +418,9 @@ STOPPING = ("tol", "max_iter", "stop", "callback")      # a spec's own fields, n
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """One solve's settings, validated once when made (a typo fails at construction, not in the
-    middle of training) and frozen: change one with ``dataclasses.replace(spec, tol=1e-6)``.
+    """One solve's settings, validated once when made (a typo, or a value out of range, NaN or
+    inf, fails at construction, not in the middle of training) and frozen: change one with
+    ``dataclasses.replace(spec, tol=1e-6)``.
 
         spec = SolverSpec("anderson", tol=1e-4, max_iter=50, options={"m": 6})
         z_star, stats = spec(f, z0)
@@ -368,9 +443,7 @@ class SolverSpec:
                 raise TypeError(f"pass {key!r} as its own argument (DEQ(..., {key}=...)), not "
                                 f"inside the solver's options.")
         check_options(self.fn, self.options, f"solver {self.name!r}")
-        check_range(self.tol, "tol", low=0)
-        check_range(self.max_iter, "max_iter", low=1, integer=True)
-        check_stop(self.stop)
+        check_settings(self.tol, self.max_iter, self.stop, self.options)
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
     def __reduce__(self):              # copy.deepcopy and pickle (a mappingproxy cannot be pickled)

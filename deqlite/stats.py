@@ -1,6 +1,6 @@
 """Records: `SolverStats`, what a fixed-point solve did, per sample, in a form every solver
 shares; `InputOptStats`, what an input optimization did (``deqlite.jiio``); and what to do when a
-solve did not converge (``check_convergence``).
+solve did not converge, or went NaN/inf (``check_convergence``).
 
 For a map f and an iterate z the residuals are, per sample,
 
@@ -43,6 +43,12 @@ class SolverStats:
         final_abs, final_rel: ``(batch,)`` residuals of the returned z (the best iterate).
         tol, stop: the tolerance and which residual (``"abs"`` or ``"rel"``) it applied to.
         wall_time: seconds spent in the solve.
+        nonfinite: ``(batch,)`` bool, the sample was lost to NaN/inf: f(z) (or its residual) was
+            not finite, so its iteration stopped there. Its z is the best finite iterate before
+            that, or NaN when it had none (never z0 posing as an answer). ``num_nonfinite``
+            counts them. Default: the samples whose traces hold a NaN/inf.
+        dtype: the dtype the solve computed in (the state's, or f's when that was less precise);
+            it sets the precision floor ``report`` compares ``tol`` with. Default: the traces'.
     """
 
     solver: str
@@ -55,6 +61,15 @@ class SolverStats:
     tol: float
     stop: str
     wall_time: float
+    nonfinite: Optional[torch.Tensor] = None
+    dtype: Optional[torch.dtype] = None
+
+    def __post_init__(self):
+        if self.nonfinite is None:
+            finite = torch.isfinite(self.abs_residuals) & torch.isfinite(self.rel_residuals)
+            self.nonfinite = ~self.converged & ~finite.all(dim=0)
+        if self.dtype is None:
+            self.dtype = self.abs_residuals.dtype
 
     @classmethod
     def from_traces(cls, solver: str, abs_res: list, rel_res: list, start: float) -> "SolverStats":
@@ -81,6 +96,30 @@ class SolverStats:
         return bool(self.converged.all())
 
     @property
+    def num_nonfinite(self) -> int:
+        """How many samples were lost to NaN/inf (``nonfinite``); 0 for a healthy solve."""
+        return int(self.nonfinite.sum())
+
+    @property
+    def precision_floor(self) -> torch.Tensor:
+        """Per sample, about the smallest residual ``dtype`` can resolve, in the stopping rule's
+        kind: its machine epsilon for the relative residual, eps · ‖f(z)‖ for the absolute one
+        (an iterate rounded to ``dtype`` is off by about that much, whatever the solver does)."""
+        eps = torch.finfo(self.dtype).eps
+        if self.stop == "rel":
+            return torch.full_like(self.final_abs, eps)
+        size = self.final_abs / self.final_rel.clamp_min(torch.finfo(self.final_rel.dtype).tiny)
+        return eps * size                                   # ‖f(z)‖ = r_abs / r_rel
+
+    @property
+    def precision_limited(self) -> torch.Tensor:
+        """Per sample: not converged, yet its residual got within 10× of ``precision_floor``:
+        the tol is below what ``dtype`` can resolve, rather than the map failing to contract.
+        (All false for a fixed number of steps, ``tol = 0``: no tol was asked for.)"""
+        near_floor = self.final <= 10 * self.precision_floor
+        return ~self.converged & ~self.nonfinite & near_floor & (self.tol > 0)
+
+    @property
     def diverged(self) -> torch.Tensor:
         """Per sample: not converged, and the iteration went non-finite or stopped making
         progress (the last quarter of the trace never beat the best residual before it): the
@@ -97,9 +136,10 @@ class SolverStats:
     def __repr__(self) -> str:
         n = self.converged.numel()
         worst = self.final.max().item() if n else float("nan")
-        return (f"SolverStats({self.solver}: nfe={self.nfe}, converged {int(self.converged.sum())}/{n}, "
-                f"worst {self.stop} residual {worst:.2e} (tol {self.tol:g}), "
-                f"{self.wall_time * 1e3:.1f} ms)")
+        lost = f", {self.num_nonfinite} lost to NaN/inf" if self.num_nonfinite else ""
+        return (f"SolverStats({self.solver}: nfe={self.nfe}, converged "
+                f"{int(self.converged.sum())}/{n}{lost}, worst {self.stop} residual {worst:.2e} "
+                f"(tol {self.tol:g}), {self.wall_time * 1e3:.1f} ms)")
 
     def report(self) -> str:
         """A few lines for a human: what happened and, if it failed, what to try."""
@@ -107,20 +147,49 @@ class SolverStats:
         if self.all_converged:
             return lines[0]
         bad = (~self.converged).nonzero().flatten().tolist()
-        shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
-        lines.append(f"  not converged: sample(s) {shown}")
+        lines.append(f"  not converged: sample(s) {_samples(bad)}")
         trace = self.residuals[:, bad[0]].tolist()
         picks = sorted({0, len(trace) // 4, len(trace) // 2, 3 * len(trace) // 4, len(trace) - 1})
         lines.append(f"  {self.stop} residual trace of sample {bad[0]}: "
                      + ", ".join(f"[{i}] {trace[i]:.2e}" for i in picks))
-        if bool(self.diverged.any()):
+        lost, limited = self.nonfinite, self.precision_limited
+        if bool(lost.any()):
+            lost_ones = _samples(lost.nonzero().flatten().tolist())
+            lines.append(f"  lost to NaN/inf: sample(s) {lost_ones}: f(z) was not finite there, so "
+                         "their z is the best finite iterate before it (NaN if none). Look for "
+                         "NaN/inf in the input or the weights (a diverged training step: lower the "
+                         "learning rate, clip gradients), an overflow in float16 (use bfloat16 or "
+                         "float32), or an iteration that blows up (damping, a smaller weight "
+                         "scale, Jacobian regularization).")
+        if bool(limited.any()):
+            lines.append(self._precision_advice(limited))
+        stalled = self.diverged & ~lost & ~limited
+        if bool(stalled.any()):
             lines.append("  the iteration is not contracting: try damping (forward_iteration's "
                          "`damping` < 1, anderson's `beta` < 1), a smaller weight scale, "
                          "another solver, or Jacobian regularization.")
-        else:
+        if bool((~self.converged & ~self.diverged & ~limited).any()):
             lines.append("  still improving when stopped: raise `max_iter`, loosen `tol`, "
                          "or use a faster solver (anderson, broyden).")
         return "\n".join(lines)
+
+    def _precision_advice(self, limited: torch.Tensor) -> str:
+        """The line for samples stuck at ``dtype``'s precision floor: a tol it can reach."""
+        floor = self.precision_floor[limited].max().item()
+        reachable = max(floor, self.final[limited].max().item())
+        wider = {torch.float64: "", torch.float32: " or solve in float64"}.get(
+            self.dtype, " or solve in float32")
+        size = "" if self.stop == "rel" else f", an abs residual of about {floor:.1e} here"
+        return (f"  tol {self.tol:g} is below the precision floor of {self.dtype} (eps ≈ "
+                f"{torch.finfo(self.dtype).eps:.1e}{size}): sample(s) "
+                f"{_samples(limited.nonzero().flatten().tolist())} stalled there, as close as "
+                f"{self.dtype} can get (damping would not help). Raise tol to about "
+                f"{reachable:.0e}{wider}.")
+
+
+def _samples(indices: list) -> str:
+    """``"0, 3, 5"``, the first eight of them, then ``" ..."``."""
+    return ", ".join(map(str, indices[:8])) + (" ..." if len(indices) > 8 else "")
 
 
 @dataclass
@@ -199,10 +268,50 @@ class DEQConvergenceError(RuntimeError):
     """Raised instead of the warning when ``on_fail="raise"``."""
 
 
-def check_convergence(stats: SolverStats, which: str, on_fail: str) -> None:
-    """Warn (``on_fail="warn"``), raise (``"raise"``) or stay quiet (``"ignore"``) when a solve
-    stopped before every sample converged; the message carries ``stats.report()``. A solve with
-    ``tol = 0`` asked for exactly ``max_iter`` steps: not a failure."""
+class DEQNonFiniteWarning(RuntimeWarning):
+    """A solve lost samples to NaN/inf (``SolverStats.nonfinite``). Its own class, not a
+    ``DEQConvergenceWarning``: silencing slow solves must not silence this."""
+
+
+class DEQNonFiniteError(DEQConvergenceError):
+    """Raised instead of ``DEQNonFiniteWarning`` when ``on_fail="raise"``."""
+
+
+def check_convergence(stats: SolverStats, which: str, on_fail: str, *, hint: str = "") -> None:
+    """What to do after a solve, with ``on_fail`` as ``DEQ``'s.
+
+    A solve that stopped before every sample converged: warn (``"warn"``, a
+    ``DEQConvergenceWarning``), raise (``"raise"``, ``DEQConvergenceError``) or stay quiet
+    (``"ignore"``); the message carries ``stats.report()``. A solve with ``tol = 0`` asked for
+    exactly ``max_iter`` steps: not a failure.
+
+    A solve that lost samples to NaN/inf is not "did not converge", and ``on_fail="ignore"`` does
+    not silence it (nor does ``tol = 0``): it raises ``DEQNonFiniteError`` under ``"raise"`` and
+    otherwise warns with ``DEQNonFiniteWarning``. Why: ``"ignore"`` is for solves that stop short
+    of tol, whose z is still the best iterate and usable; a NaN/inf sample has no answer (its z
+    is NaN or an older iterate), and the loss and the gradient that follow are NaN: saying
+    nothing would hide where it started. Why a warning rather than an error: a float16 run with
+    a gradient scaler recovers from an overflow by skipping the step, and the trainer stops by
+    itself on a NaN loss. Under ``"ignore"`` the warning's text is fixed (no numbers), so Python's
+    default filter shows it once per place in the code rather than at every training step;
+    ``stats.num_nonfinite`` counts every occurrence (the trainer logs it). ``hint``: a sentence
+    on the likely cause, added to the non-finite message (the IFT rule says when the incoming
+    gradient itself is NaN/inf)."""
+    hint = f" {hint}" if hint else ""
+    if bool(stats.nonfinite.any()):
+        if on_fail == "ignore":
+            warnings.warn(f"DEQ {which} solve: f went NaN/inf for some samples; their state is NaN "
+                          f"or an older iterate, and what follows from them is NaN. "
+                          f"on_fail='ignore' silences solves that stop short of tol, not this. "
+                          f"SolverStats.num_nonfinite counts them at every call; "
+                          f"SolverStats.report() says what to try.{hint}",
+                          DEQNonFiniteWarning, stacklevel=3)
+            return
+        message = f"DEQ {which} solve lost samples to NaN/inf.{hint}\n{stats.report()}"
+        if on_fail == "raise":
+            raise DEQNonFiniteError(message)
+        warnings.warn(message, DEQNonFiniteWarning, stacklevel=3)
+        return
     if stats.all_converged or on_fail == "ignore" or stats.tol == 0:
         return
     message = f"DEQ {which} solve did not converge.\n{stats.report()}"

@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import DT, linear_problem, symmetric_tanh_problem
 
-from deqlite.solvers import SOLVERS, anderson, broyden, forward_iteration, solve
+from deqlite.solvers import SOLVERS, SolverSpec, anderson, broyden, forward_iteration, solve
 
 NAMES = list(SOLVERS)
 
@@ -192,3 +192,128 @@ def test_a_list_state_solves_like_its_concatenation(solver):
     assert small.shape == (5, 3, 8) and big.shape == (5, 2, 4, 4)
     assert stats.nfe == flat_stats.nfe and stats.all_converged
     assert torch.allclose(torch.cat([small.flatten(1), big.flatten(1)], 1), flat, atol=1e-12)
+
+
+# ---------------------------------------------------------------- NaN/inf, precision, settings
+
+@pytest.mark.parametrize("name", NAMES)
+def test_samples_lost_to_nan_are_counted_and_come_back_nan_not_z0(name):
+    """Sample 1 is NaN from the first evaluation (it has no answer: NaN, never z0 = 0); sample 2
+    goes inf after finite iterates (it keeps its best finite one); sample 0 is healthy."""
+    def f(z):
+        out = 0.5 * z + 1
+        nan_row = torch.zeros(3, 1, dtype=DT)
+        nan_row[1] = float("nan")
+        blows = (z[:, :1].abs() > 1.5) & (torch.arange(3) == 2)[:, None]
+        return out + nan_row + torch.where(blows, float("inf"), 0.0)
+
+    z, stats = solve(f, torch.zeros(3, 4, dtype=DT), solver=name, tol=1e-10, max_iter=100)
+    assert stats.nonfinite.tolist() == [False, True, True] and stats.num_nonfinite == 2
+    assert bool(stats.converged[0]) and torch.allclose(z[0], torch.full((4,), 2.0, dtype=DT))
+    assert torch.isnan(z[1]).all() and torch.isfinite(z[2]).all()
+    assert "2 lost to NaN/inf" in repr(stats)
+    assert "lost to NaN/inf: sample(s) 1, 2" in stats.report()
+
+
+def test_stats_from_traces_mark_nonfinite_samples_and_keep_the_dtype():
+    from deqlite.stats import SolverStats
+    r = torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)
+    stats = SolverStats.from_traces("phantom", [r, r], [r, r], 0.0)
+    assert stats.nonfinite.tolist() == [False, True] and stats.dtype == torch.bfloat16
+
+
+def _stalling_map(dtype, d=16, batch=4):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(d, d, generator=g)
+    W = (0.9 * W / torch.linalg.matrix_norm(W, ord=2)).to(dtype)
+    u = torch.randn(batch, d, generator=g).to(dtype)
+    return (lambda z: torch.tanh(z @ W.T + u)), torch.zeros(batch, d, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype, wider", [(torch.float16, "float32"), (torch.bfloat16, "float32"),
+                                          (torch.float32, "float64")])
+def test_a_tol_below_the_dtypes_precision_floor_is_named_not_blamed_on_contraction(dtype, wider):
+    f, z0 = _stalling_map(dtype)
+    tol = {torch.float32: 1e-12}.get(dtype, 1e-6)
+    _, stats = solve(f, z0, solver="anderson", tol=tol, max_iter=60)
+    assert stats.dtype == dtype and not stats.all_converged
+    report = stats.report()
+    eps = torch.finfo(dtype).eps
+    assert f"tol {tol:g} is below the precision floor of {dtype} (eps ≈ {eps:.1e})" in report
+    assert f"or solve in {wider}" in report and "damping` < 1" not in report
+    suggested = float(report.split("Raise tol to about ")[1].split(" ")[0])
+    _, again = solve(f, z0, solver="anderson", tol=suggested, max_iter=60)
+    assert again.all_converged, report
+
+
+def test_a_map_that_does_not_contract_in_bfloat16_still_gets_the_damping_advice():
+    b = torch.full((2, 4), 1.0, dtype=torch.bfloat16)
+    _, stats = forward_iteration(lambda z: torch.tanh(1 - 2 * z) + 0 * b, torch.zeros_like(b),
+                                 tol=1e-2, max_iter=40)
+    assert not stats.converged.any() and "damping" in stats.report()
+    assert "precision floor" not in stats.report()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(tol=float("nan")), ValueError, r"tol must lie in \[0, inf\) \(the residual.*got nan"),
+    (dict(tol=float("inf")), ValueError, r"tol must lie in \[0, inf\).*got inf"),
+    (dict(tol=True), TypeError, r"tol must be a number in \[0, inf\).*got True"),
+    (dict(tol=1.0), ValueError, r"tol must be below 1 for stop='rel', got 1.0.*z0"),
+    (dict(max_iter=float("inf")), TypeError, r"max_iter must be an integer in \[1, inf\)"),
+    (dict(max_iter=True), TypeError, r"max_iter must be an integer.*got True"),
+    (dict(solver="anderson", lam=float("nan")), ValueError,
+     r"lam must lie in \[0, inf\) \(anderson's relative regularizer\), got nan"),
+    (dict(solver="anderson", lam=float("inf")), ValueError, r"lam must lie in \[0, inf\).*got inf"),
+    (dict(solver="anderson", lam=-1e-4), ValueError, r"lam must lie in \[0, inf\).*got -0.0001"),
+    (dict(solver="anderson", beta=float("nan")), ValueError, r"beta must lie in \(0, 1\].*got nan"),
+    (dict(solver="anderson", beta=0), ValueError, r"beta must lie in \(0, 1\].*got 0"),
+    (dict(solver="anderson", m=True), TypeError, r"m must be an integer in \[1, inf\).*got True"),
+    (dict(solver="anderson", m=5.0), TypeError, r"m must be an integer.*got 5.0"),
+    (dict(solver="forward_iteration", damping=float("inf")), ValueError,
+     r"damping must lie in \(0, 1\] \(forward_iteration's step size τ\), got inf"),
+    (dict(solver="forward_iteration", damping=-0.5), ValueError, r"damping must lie.*got -0.5"),
+    (dict(solver="broyden", memory=0), ValueError, r"memory must lie in \[1, inf\).*got 0"),
+    (dict(solver="broyden", memory=float("nan")), TypeError, r"memory must be an integer.*nan"),
+])
+def test_nan_inf_bool_and_out_of_range_settings_name_the_setting_value_and_range(kwargs, error,
+                                                                                 match):
+    with pytest.raises(error, match=match):
+        solve(lambda z: z * 0.5, torch.zeros(2, 3), **kwargs)
+    solver = kwargs.pop("solver", "anderson")
+    stopping = {k: kwargs.pop(k) for k in ("tol", "max_iter") if k in kwargs}
+    with pytest.raises(error, match=match):         # a SolverSpec refuses it when made
+        SolverSpec(solver, **stopping, options=kwargs)
+
+
+def test_tol_of_one_or_more_is_fine_for_the_absolute_residual():
+    z, stats = solve(lambda z: 0.5 * z + 4, torch.zeros(2, 3), tol=1.0, stop="abs")
+    assert stats.all_converged and (stats.final_abs <= 1.0).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad, match", [
+    (lambda z: (0.5 * z + 1).float(), r"f\(z\) returned shape \(2, 3\), torch.float32, cpu for a "
+     r"state of shape \(2, 3\), torch.float64, cpu.*\.to\(z.dtype\)"),
+    (lambda z: (0.5 * z + 1)[:1], r"f\(z\) returned shape \(1, 3\).*state of shape \(2, 3\).*"
+     r"batch size included"),
+    (lambda z: None, r"f\(z\) returned a NoneType for a state of shape \(2, 3\)"),
+])
+def test_f_returning_another_dtype_batch_or_type_is_named(name, bad, match):
+    with pytest.raises(ValueError, match=match):
+        solve(bad, torch.zeros(2, 3, dtype=DT), solver=name)
+
+
+def test_f_returning_another_dtype_for_a_list_state_is_named():
+    z0 = [torch.zeros(2, 3, dtype=DT), torch.zeros(2, 4, dtype=DT)]
+    with pytest.raises(ValueError, match=r"f\(z\) returned \[shape \(2, 3\), torch.float32.*"
+                                         r"for a state of \[shape \(2, 3\), torch.float64"):
+        solve(lambda s: [t.float() * 0.5 for t in s], z0)
+
+
+def test_under_autocast_f_may_return_another_dtype_and_the_stats_record_the_lower_one():
+    lin = torch.nn.Linear(8, 8)
+    with torch.no_grad():
+        lin.weight.mul_(0.3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z, stats = solve(lambda z: torch.tanh(lin(z)), torch.zeros(2, 8), tol=1e-2)
+    assert stats.dtype == torch.bfloat16 and stats.all_converged
