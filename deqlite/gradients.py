@@ -43,6 +43,23 @@ What each rule leaves in ``rule.stats`` (``DEQ.backward_stats``), a ``SolverStat
   ‖f(z_j) − z_j‖ (and relative) of the j-th damped step.
 * ``JFB`` and ``Unrolled``: None (no work beyond one application of f, or the solver's own).
 
+Second derivatives (``create_graph=True``: a gradient penalty, a Hessian–vector product, MAML):
+
+* ``Unrolled``: exact for what the solver computed, since autograd recorded every iteration.
+* ``JFB`` and ``Phantom``: plain autograd graphs, so autograd differentiates them again; what
+  comes out are the second derivatives of their *surrogates* ℓ(f(z*, x)) and ℓ(z_k), z* held
+  fixed, consistent with the first derivatives these rules give.
+* ``IFT`` and ``Neumann`` raise ``DoubleBackwardError``. Their hook swaps ∂ℓ/∂z* for the adjoint
+  inside the backward pass, at a z* that carries no graph (the solver kept none). A second
+  derivative needs how g and ∂f/∂θ(z*, x) move with θ *through* z*, dz*/dθ = (I − J)⁻¹ ∂f/∂θ,
+  and nothing in that graph records it: autograd would return wrong numbers without a word (a
+  gradient penalty's gradient tens of degrees away from the true one). Doing it right
+  needs the adjoint solve itself differentiated by the same theorem, with the parameters and the
+  injection as explicit inputs of the backward; here it is an error that says what to use.
+
+Non-finite gradients stay non-finite: an incoming ∂ℓ/∂z* with NaN/inf gives a NaN adjoint for
+its sample (never a zero one), and ``check_convergence`` says so whatever ``on_fail`` is.
+
 Every rule works on flat states (batch, D) and a map f on them (``DEQ.fixed_point_map``). The
 rules are registered in ``BACKWARDS``; ``make_rule`` builds one from its name and validated options.
 """
@@ -92,14 +109,39 @@ def vjp_of(z: torch.Tensor, z_in: torch.Tensor) -> FlatMap:
     return lambda y: torch.autograd.grad(z, z_in, y, retain_graph=True)[0]
 
 
-def _adjoint_hook(z: torch.Tensor, adjoint: Callable[[torch.Tensor], torch.Tensor]) -> None:
+class DoubleBackwardError(NotImplementedError):
+    """A gradient with a graph (``create_graph=True``) was asked of a rule whose backward is a
+    hook (``IFT``, ``Neumann``): their second derivatives would be wrong (module docstring)."""
+
+
+def _double_backward_error(rule: str) -> DoubleBackwardError:
+    shortcut = (" 'phantom' with tau=1.0 is the same k-term series at z* as a plain autograd "
+                "graph." if rule == "neumann" else "")
+    return DoubleBackwardError(
+        f"backward={rule!r} cannot give second derivatives: a gradient with a graph was asked "
+        f"for (create_graph=True, e.g. a gradient penalty or a Hessian-vector product), but this "
+        f"rule's backward swaps ∂ℓ/∂z* for the adjoint in a hook at a z* that carries no graph, "
+        f"so autograd would miss how z* moves with the parameters and the input "
+        f"(dz*/dθ = (I − J)⁻¹ ∂f/∂θ) and return wrong numbers. Use backward='unrolled' (exact "
+        f"through the solver's iterations; memory grows with them), or 'jfb' / 'phantom' (plain "
+        f"graphs: the second derivatives of their surrogates, z* held fixed).{shortcut} Or "
+        f"compute the penalty without a graph of the gradient, e.g. by finite differences of "
+        f"the loss.")
+
+
+def _adjoint_hook(z: torch.Tensor, adjoint: Callable[[torch.Tensor], torch.Tensor],
+                  rule: str) -> None:
     """Register on z a hook that replaces the incoming gradient ∂ℓ/∂z by ``adjoint(∂ℓ/∂z)``. The
-    adjoint's own vector–Jacobian products run back through z: the guard lets those pass."""
+    adjoint's own vector–Jacobian products run back through z: the guard lets those pass. A
+    backward that builds a graph (``create_graph=True``: autograd turns grad mode on inside
+    hooks then) is refused with ``DoubleBackwardError``, naming ``rule``."""
     solving = []
 
     def hook(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if grad is None or solving:     # no gradient, or one of our own products
             return grad
+        if torch.is_grad_enabled():
+            raise _double_backward_error(rule)
         solving.append(True)
         try:
             return adjoint(grad)
@@ -132,14 +174,26 @@ class IFT(GradientRule):
         def adjoint(grad: torch.Tensor) -> torch.Tensor:
             start = torch.zeros_like(grad) if adjoint0 is None else adjoint0
             g, self.stats = self.solver(lambda y: vjp(y) + grad, start)   # y ↦ Jᵀ y + ∂ℓ/∂z*
-            check_convergence(self.stats, "backward (adjoint)", self.on_fail)
+            # a NaN/inf ∂ℓ/∂z* makes the first f(g) NaN/inf: that sample's g is NaN, not 0
+            check_convergence(self.stats, "backward (adjoint)", self.on_fail,
+                              hint=_upstream_hint(grad, self.stats))
             return g
 
-        _adjoint_hook(z, adjoint)
+        _adjoint_hook(z, adjoint, self.name)
         return z
 
     def __repr__(self) -> str:
         return f"IFT(adjoint: {self.solver!r})"
+
+
+def _upstream_hint(grad: torch.Tensor, stats: SolverStats) -> str:
+    """When the adjoint solve lost samples to NaN/inf and the incoming gradient was not finite,
+    the sentence that puts the blame where it belongs (the text is fixed: see
+    ``check_convergence``)."""
+    if stats.num_nonfinite and not bool(torch.isfinite(grad).all()):
+        return ("The gradient reaching the DEQ's output, ∂ℓ/∂z*, is itself NaN/inf there: it "
+                "comes from the loss or the layers after the DEQ, not from the adjoint solve.")
+    return ""
 
 
 class JFB(GradientRule):
@@ -188,10 +242,10 @@ class Neumann(GradientRule):
         vjp = vjp_of(z, z_in)
 
         def adjoint(grad: torch.Tensor) -> torch.Tensor:
-            g, self.stats = neumann_series(vjp, grad, self.k)
+            g, self.stats = neumann_series(vjp, grad, self.k)       # NaN/inf in, NaN/inf out
             return g
 
-        _adjoint_hook(z, adjoint)
+        _adjoint_hook(z, adjoint, self.name)
         return z
 
 
