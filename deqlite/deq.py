@@ -27,10 +27,9 @@ solve's record for ``ift``, once ``.backward()`` has run; see ``deqlite.gradient
 The model returns z* itself (not ``(z*, stats)``, as TorchDEQ does) so that a model calls its DEQ
 like any layer inside its own ``forward``; the records are attributes to read afterwards.
 
-Each call checks, so that an error names its cause (once per call, never per iteration): x is
-finite; x, z0 and the cell's parameters share a dtype; a given z0 has the cell's state shape(s);
-inject(x) is finite, else the cell's NaN/inf parameters are named (as when a solve goes
-non-finite); each application of the cell returns a state shaped like z.
+A call checks, once (never per iteration), that x is finite; that x, z0 and the cell share a dtype;
+that z0 has the cell's state shape(s); that inject(x) is finite, else it names the cell's NaN/inf
+parameters (also when a solve goes non-finite); and each f(z) is shaped like z.
 
 Also here, to look inside a DEQ: ``fixed_point_map`` (the map z ↦ f(z, x) at one input, on flat
 states), ``find_deq`` (the DEQ inside a model) and ``equilibrium`` (a model's DEQ, its map and
@@ -40,7 +39,9 @@ its equilibrium on some inputs, for ``deqlite.diagnostics`` and the trainer's me
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -83,9 +84,8 @@ def flat_map(cell: nn.Module, spec: Any) -> Callable[[torch.Tensor, Any], torch.
         out = cell(unflatten_state(z, spec), injection)
         want = (z.shape[0], *spec) if isinstance(spec, tuple) else [(z.shape[0], *s) for s in spec]
         if _layout(out) != want:
-            hint = (" (Does its forward end without `return`?)" if out is None else
-                    " (Return the new state only; keep anything else as an attribute.)"
-                    if isinstance(out, (list, tuple)) and isinstance(spec, tuple) else "")
+            hint = " (Does its forward end without `return`?)" if out is None else \
+                " (Return the new state only.)" if isinstance(out, (list, tuple)) else ""
             error = ValueError if isinstance(out, (torch.Tensor, list, tuple)) else TypeError
             raise error(f"the cell's forward(z, injection) ({type(cell).__name__}) returned "
                         f"{_describe(out)}; it must return a state of the same shape and structure "
@@ -97,6 +97,9 @@ def flat_map(cell: nn.Module, spec: Any) -> Callable[[torch.Tensor, Any], torch.
 
 # --- what a call is checked for: once per call, or only on the way to an error ------------------
 
+COMPILE_NOTE = ("a DEQ's solve is a Python loop that stops when the samples converge, which "
+                "torch.compile cannot capture in one graph: compile the cell instead, "
+                "DEQ(torch.compile(cell), ...)")
 CASTS = {torch.float32: ".float()", torch.float64: ".double()", torch.float16: ".half()"}
 
 
@@ -120,16 +123,14 @@ def check_dtypes(cell: nn.Module, x: torch.Tensor, z0: Optional[State] = None) -
     for name, t in [("x", x), *starts]:
         if isinstance(t, torch.Tensor) and t.dtype != dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but the cell's parameters have dtype "
-                            f"{dtype}; they must agree. Cast the model to {name}'s dtype "
-                            f"(model{CASTS.get(t.dtype, f'.to({t.dtype})')}, e.g. for float64 "
-                            f"gradient checks) or {name} to the model's ({name.split('[')[0]}"
-                            f"{CASTS.get(dtype, f'.to({dtype})')}).")
+                            f"{dtype}; they must agree. Cast the model to {name}'s dtype (model"
+                            f"{CASTS.get(t.dtype, f'.to({t.dtype})')}, e.g. for float64 gradient "
+                            f"checks) or {name} to the model's ({name[:2]}{CASTS.get(dtype, '.to()')}).")
 
 
 def check_start(z0: State, expected: State) -> None:
-    """A given z0 has the structure and shapes of ``expected``, the cell's own state at this input
-    (its ``init_state``); for a list state (one tensor per scale) the first branch that differs
-    is named, with a hint when the branches are only in another order."""
+    """A given z0 has the structure and shapes of ``expected``, the cell's own state at this input;
+    for a list state (one tensor per scale) the first branch that differs is named."""
     got, want = _layout(z0), _layout(expected)
     if got == want:
         return
@@ -154,27 +155,22 @@ def _check_input(x: Any) -> None:
         samples = bad.any(1).nonzero().flatten().tolist()
         raise ValueError(f"x, the DEQ's input, contains {int(bad.sum())} NaN/inf value(s) (in "
                          f"sample(s) {', '.join(map(str, samples[:8]))}{' ...' * (len(samples) > 8)}"
-                         f"); clean or normalize the data. If x comes out of layers before the DEQ "
-                         f"(an encoder, a stem), check their parameters too: a diverged training "
-                         f"step or a corrupt checkpoint leaves NaN/inf there.")
+                         f"); clean or normalize the data. If x comes out of layers before the DEQ, "
+                         f"check their parameters too (a diverged training step or a corrupt "
+                         f"checkpoint leaves NaN/inf there).")
     check_tensor(x, "x")
 
 
-def nonfinite_parameters(module: nn.Module) -> list:
-    """``(name, count, size)`` for each parameter or buffer of ``module`` holding NaN/inf values
-    (a pass over all of them: for the way to an error, not for every call)."""
-    tensors = itertools.chain(module.named_parameters(), module.named_buffers())
-    return [(name, int((~torch.isfinite(t)).sum()), t.numel()) for name, t in tensors
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
-def corrupt_parameters_error(cell: nn.Module, symptom: str) -> Optional[ValueError]:
-    """The error naming the NaN/inf parameters of ``cell`` behind a ``symptom``; None if none."""
-    bad = nonfinite_parameters(cell)
+def check_parameters(cell: nn.Module, symptom: str) -> None:
+    """Raise a ValueError naming the parameters and buffers of ``cell`` that hold NaN/inf values
+    as the cause of ``symptom``, if any do (a pass over them all: for the way to an error)."""
+    bad = [(name, int((~torch.isfinite(t)).sum()), t.numel()) for name, t in
+           itertools.chain(cell.named_parameters(), cell.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if not bad:
-        return None
+        return
     names = ", ".join(f"{name} ({count} of {size} values)" for name, count, size in bad[:4])
-    return ValueError(f"{symptom}: the cell's parameters contain NaN/inf, in {names}"
+    raise ValueError(f"{symptom}: the cell's parameters contain NaN/inf, in {names}"
                       f"{', ...' * (len(bad) > 4)}. They come from a diverged training step or a "
                       f"corrupt checkpoint: load an earlier checkpoint, or train with a lower "
                       f"learning rate, gradient clipping or Jacobian regularization.")
@@ -188,24 +184,32 @@ def check_injection(cell: nn.Module, x: torch.Tensor, injection: Any) -> None:
     tensors = [t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
         return
-    error = corrupt_parameters_error(cell, "x is finite but the cell's inject(x) is not")
-    if error is not None:
-        raise error
+    check_parameters(cell, "x is finite but the cell's inject(x) is not")
     if not _autocasting(x.device):
-        raise ValueError(f"x is finite but the cell's inject(x) is not, though the cell's "
-                         f"parameters are: an overflow (|x| is up to {x.abs().max().item():.3g}, "
-                         f"dtype {x.dtype}). Normalize x, or compute in a wider dtype.")
+        raise ValueError(f"x is finite but the cell's inject(x) is not, though the cell's parameters"
+                         f" are: an overflow (|x| is up to {x.abs().max().item():.3g}, dtype "
+                         f"{x.dtype}). Normalize x, or compute in a wider dtype.")
 
 
-def _not_traced(forward: Callable) -> Callable:
-    """DEQ.forward runs eagerly under ``torch.compile``; ``fullgraph=True`` fails, with the reason."""
-    reason = ("a DEQ's solve is a Python loop that stops when the samples converge, which "
-              "torch.compile cannot capture in one graph: compile the cell instead, "
-              "DEQ(torch.compile(cell), ...)")
-    try:
-        return torch.compiler.disable(forward, reason=reason)
-    except TypeError:                                   # torch < 2.8: no reason
-        return torch.compiler.disable(forward)
+def _eager_under_compile(forward: Callable) -> Callable:
+    """``forward`` as ``torch.compiler.disable(forward)`` makes it (run eagerly, also when a compiled
+    model calls it), without importing torch._dynamo (seconds) before torch.compile has: the first
+    eager call after that makes the disabled function. A trace before it stops with the reason."""
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        dynamo = sys.modules.get("torch._dynamo")
+        if wrapper.eager is None and dynamo is not None and not torch.compiler.is_compiling():
+            try:
+                wrapper.eager = dynamo.disable(forward, reason=COMPILE_NOTE)
+            except TypeError:                           # torch < 2.8: no reason
+                wrapper.eager = dynamo.disable(forward)
+        if wrapper.eager is not None:
+            return wrapper.eager(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            raise RuntimeError(COMPILE_NOTE)
+        return forward(*args, **kwargs)
+    wrapper.eager = None
+    return wrapper
 
 
 @dataclass
@@ -364,7 +368,7 @@ class DEQ(nn.Module):
         step = flat_map(self.cell, spec)
         return FixedPointMap(lambda z: step(z, injection), z0_flat, spec, injection)
 
-    @_not_traced
+    @_eager_under_compile
     def forward(self, x: torch.Tensor, z0: Optional[State] = None) -> State:
         """Return the equilibrium state z* for the batch x (warm-started from z0 if given)."""
         m = self.fixed_point_map(x, z0)
@@ -380,9 +384,7 @@ class DEQ(nn.Module):
             z, self.forward_stats = self.gradient.solve(self.forward_solver, m.f, m.z0)
             if not self.forward_stats.all_converged and \
                     not bool(torch.isfinite(self.forward_stats.residuals).all()):
-                error = corrupt_parameters_error(self.cell, "the forward solve went non-finite")
-                if error is not None:
-                    raise error
+                check_parameters(self.cell, "the forward solve went non-finite")
             check_convergence(self.forward_stats, "forward", self.on_fail)
             if needs_grad:
                 z = self.gradient.attach(z, m.f)
@@ -394,11 +396,9 @@ class DEQ(nn.Module):
         """jac_loss = batch mean of the Hutchinson estimate of ‖J‖²_F / d at z (z held fixed).
         Its own application of f: the backward pass must not free the adjoint's graph."""
         z_in = z.detach().requires_grad_()
-        if len(z_in) == 0:                          # an empty batch: 0, still in the graph
-            self.jac_loss = f(z_in).sum()
-            return
-        self.jac_loss = hutchinson_frobenius(f(z_in), z_in, n_probes=self.jac_probes,
-                                             kind=self.jac_probe_kind, create_graph=True).mean()
+        self.jac_loss = f(z_in).sum() if len(z_in) == 0 else \
+            hutchinson_frobenius(f(z_in), z_in, n_probes=self.jac_probes,    # (an empty batch: 0)
+                                 kind=self.jac_probe_kind, create_graph=True).mean()
 
     def extra_repr(self) -> str:
         text = f"solver={self.forward_solver!r}, backward={self.backward_rule!r}"
