@@ -310,11 +310,16 @@ class MultiscaleCell(nn.Module):
 
     def forward(self, z: list, injection: list) -> list:
         u, *masks = injection
-        n = len(self.channels)
+        n, want = len(self.channels), [(len(u), *s) for s in self.state_shapes(*u.shape[-2:])]
         if not isinstance(z, (list, tuple)) or len(z) != n:
             raise ValueError(f"MultiscaleCell with {n} branches expects a state list of {n} "
                              f"feature maps, got {type(z).__name__} of length "
                              f"{len(z) if isinstance(z, (list, tuple)) else '-'}.")
+        for i, (z_i, shape) in enumerate(zip(z, want)):        # shapes only: no tensor is read
+            if tuple(z_i.shape) != shape:
+                raise ValueError(f"MultiscaleCell: branch {i} of the state has shape "
+                                 f"{tuple(z_i.shape)} where {shape} is expected (the shapes "
+                                 f"for this injection: {want}, highest resolution first).")
         b = [branch(z_i, u if i == 0 else None, masks[i] if masks else None)
              for i, (branch, z_i) in enumerate(zip(self.branches, z))]
         out = []

@@ -63,6 +63,11 @@ def test_multiscale_cell_shapes_halve_the_resolution_rounding_up():
     assert [tuple(t.shape) for t in cell([torch.randn_like(t) for t in z0], injection)] == shapes
     with pytest.raises(ValueError, match="state list of 3"):
         cell(z0[:2], injection)
+    with pytest.raises(ValueError, match=r"branch 2 of the state has shape \(2, 8, 2, 2\) where "
+                                         r"\(2, 8, 3, 3\) is expected.*highest resolution first"):
+        cell([z0[0], z0[1], torch.zeros(2, 8, 2, 2)], injection)
+    with pytest.raises(ValueError, match=r"branch 0 of the state has shape \(2, 8, 5, 5\)"):
+        cell([z0[1], z0[0], z0[2]], injection)                # branches swapped
 
 
 def contractive_cell(dtype=DT):
