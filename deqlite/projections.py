@@ -4,6 +4,10 @@ sample lies outside C (0 inside).
 
 Projected gradient descent x ← Π(x − α ∇ℓ) keeps every iterate feasible; JIIO's augmented map
 takes that step on its input (Gurumurthy et al., NeurIPS 2021).
+
+A set is checked when it is made (bounds that are NaN, crossed or of shapes that do not broadcast;
+a radius that is not positive and finite) and against each x it projects (its shape), so that a
+bad set fails with a message, not with NaN iterates or a silently broadcast result.
 """
 from __future__ import annotations
 
@@ -15,19 +19,67 @@ import torch
 from ._validate import check_range, check_tensor
 
 
+def _bound(value, name: str):
+    """A bound of a Box: a real number (±inf allowed) or a real tensor, never NaN."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"Box's {name} must be real numbers, got a tensor of dtype {value.dtype}.")
+        if bool(torch.isnan(value).any()):
+            raise ValueError(f"Box's {name} contains {int(torch.isnan(value).sum())} NaN value(s); "
+                             f"use -inf / inf for an unbounded entry.")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Box's {name} must be a number or a tensor, got {value!r}.")
+    if math.isnan(value):
+        raise ValueError(f"Box's {name} is nan; use -inf / inf for an unbounded side.")
+    return value
+
+
+def _check_broadcast(shape: tuple, x_shape: tuple, what: str) -> None:
+    try:
+        fits = torch.broadcast_shapes(shape, x_shape) == x_shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{what} has shape {tuple(shape)}, which does not broadcast to x's shape "
+                         f"{tuple(x_shape)}; give it x's shape, x.shape[1:] (one value per feature, "
+                         f"for every sample) or a number.")
+
+
 class Box:
-    """Π(x) = min(max(x, low), high): the box low ≤ x ≤ high (numbers, or tensors that
-    broadcast against x, e.g. a pixel range [0, 1])."""
+    """Π(x) = min(max(x, low), high): the box low ≤ x ≤ high. The bounds are numbers (low < high),
+    or tensors that broadcast to x's shape, e.g. one bound per feature of shape x.shape[1:]
+    (low ≤ high everywhere: an entry with low = high is pinned)."""
 
     def __init__(self, low=-math.inf, high=math.inf):
-        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and not low < high:
-            raise ValueError(f"Box needs low < high, got low={low}, high={high}.")
+        low, high = _bound(low, "low"), _bound(high, "high")
+        if not isinstance(low, torch.Tensor) and not isinstance(high, torch.Tensor):
+            if not low < high:
+                raise ValueError(f"Box needs low < high, got low={low}, high={high}.")
+        else:
+            lo, hi = (torch.as_tensor(b, dtype=torch.float64) for b in (low, high))
+            try:
+                torch.broadcast_shapes(lo.shape, hi.shape)
+            except RuntimeError:
+                raise ValueError(f"Box's low (shape {tuple(lo.shape)}) and high (shape "
+                                 f"{tuple(hi.shape)}) do not broadcast against each other.") from None
+            crossed = (lo > hi) | (lo == math.inf) | (hi == -math.inf)
+            if bool(crossed.any()):
+                lo, hi, crossed = torch.broadcast_tensors(lo, hi, crossed)
+                i = tuple(crossed.nonzero()[0].tolist())
+                raise ValueError(f"Box needs low ≤ high (and low < inf, high > -inf) everywhere; "
+                                 f"{int(crossed.sum())} of {crossed.numel()} entries break it, e.g. "
+                                 f"index {i}: low={lo[i].item():g}, high={hi[i].item():g}. Are low "
+                                 f"and high swapped?")
         self.low, self.high = low, high
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device)
-        high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device)
-        return torch.minimum(torch.maximum(x, low), high)
+        bounds = []
+        for name, b in (("low", self.low), ("high", self.high)):
+            b = torch.as_tensor(b, dtype=x.dtype, device=x.device)
+            _check_broadcast(b.shape, x.shape, f"Box's {name}")
+            bounds.append(b)
+        return torch.minimum(torch.maximum(x, bounds[0]), bounds[1])
 
     def violation(self, x: torch.Tensor) -> torch.Tensor:
         """Per sample, how far x lies outside the box (0 inside)."""
@@ -40,15 +92,19 @@ class Box:
 class L2Ball:
     """Π(x) = c + (x − c) · min(1, r / ‖x − c‖₂), per sample: the ball ‖x − c‖₂ ≤ r around the
     center c (default 0; shape of x, e.g. the clean images of an attack) with radius r (a number
-    or one per sample)."""
+    or one per sample, > 0 and finite)."""
 
     def __init__(self, radius, center: Optional[torch.Tensor] = None):
         if isinstance(radius, torch.Tensor):
-            if radius.dim() != 1 or not bool((radius >= 0).all()):
-                raise ValueError("L2Ball's radius tensor must hold one radius ≥ 0 per sample, "
-                                 f"shape (batch,); got shape {tuple(radius.shape)}.")
+            if radius.dim() != 1 or not bool((radius > 0).all() & torch.isfinite(radius).all()):
+                raise ValueError("L2Ball's radius tensor must hold one radius > 0 (and finite) per "
+                                 f"sample, shape (batch,); got shape {tuple(radius.shape)}"
+                                 f"{'' if radius.dim() != 1 else f', values {radius.tolist()}'}.")
         else:
-            check_range(radius, "radius", low=0)
+            check_range(radius, "radius", low=0, low_open=True)
+            if not math.isfinite(radius):
+                raise ValueError(f"radius must be finite, got {radius!r} (a ball of infinite "
+                                 f"radius constrains nothing: pass projection=None).")
         if center is not None:
             check_tensor(center, "center")
         self.radius, self.center = radius, center
@@ -57,6 +113,9 @@ class L2Ball:
         if self.center is not None and self.center.shape != x.shape:
             raise ValueError(f"L2Ball's center has shape {tuple(self.center.shape)}, x has shape "
                              f"{tuple(x.shape)}; they must match.")
+        if isinstance(self.radius, torch.Tensor) and len(self.radius) != len(x):
+            raise ValueError(f"L2Ball has {len(self.radius)} radii (one per sample) but x has "
+                             f"{len(x)} samples (shape {tuple(x.shape)}).")
         return x if self.center is None else x - self.center
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
