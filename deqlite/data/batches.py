@@ -226,10 +226,11 @@ class StreamBatches:
         tokens, where = _tokens(tokens)
         needed = batch_size * seq_len + 1          # one window of every row, and the last target
         if len(tokens) < needed:
+            row = max(0, (len(tokens) - 1) // batch_size)
             raise ValueError(f"{where} has {len(tokens):,} tokens, fewer than one training step "
                              f"needs: batch_size × seq_len + 1 = {batch_size} × {seq_len} + 1 = "
-                             f"{needed:,} (a window of seq_len tokens in each of batch_size rows, "
-                             f"and the target after the last). Lower batch_size or seq_len, or "
+                             f"{needed:,} (in {batch_size} rows they make rows of {row} tokens, "
+                             f"shorter than seq_len = {seq_len}). Lower batch_size or seq_len, or "
                              f"use a longer text.")
         inputs, targets = _rows(tokens, batch_size)
         self.steps_per_epoch = inputs.shape[1] // seq_len

@@ -115,13 +115,17 @@ class TokenStream:
 
     def decode(self, tokens) -> str:
         """The text of token ids (a tensor or a list; a (1, T) batch of one is fine): characters
-        joined, or words joined by spaces with ``<eos>`` written as a newline."""
+        joined, or words joined by spaces with ``<eos>`` written as a newline. An id outside the
+        vocabulary is an error (a negative one would otherwise index from the end)."""
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() > 1 and tokens.shape[0] != 1:
                 raise ValueError(f"decode reads one sequence; got shape {tuple(tokens.shape)}: "
                                  f"decode the rows one by one, e.g. decode(tokens[0]).")
             tokens = tokens.flatten()
         ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        if ids and not 0 <= min(ids) <= max(ids) < len(self.vocab):    # -1 would read as vocab[-1]
+            raise ValueError(f"token ids lie in [0, {len(self.vocab)}) (the vocabulary's size); "
+                             f"got ids from {min(ids)} to {max(ids)}.")
         pieces = [self.vocab[i] for i in ids]
         if self.level == "char":
             return "".join(pieces)

@@ -59,6 +59,10 @@ def test_char_encode_decode_round_trip():
     assert stream.decode(ids[None]) == sample                                # a batch of one
     with pytest.raises(ValueError, match="one sequence"):
         stream.decode(torch.stack([ids, ids]))
+    with pytest.raises(ValueError, match=rf"ids lie in \[0, {stream.vocab_size}\).*from -1 to"):
+        stream.decode([3, -1])
+    with pytest.raises(ValueError, match=rf"from 0 to {stream.vocab_size}\."):
+        stream.decode(torch.tensor([0, stream.vocab_size]))
     assert stream.decode(stream.encode("é→x")) == UNK_CHAR * 2 + "x"      # rare characters
     assert len(stream.take(10)) == 10 and stream.take(10).vocab is stream.vocab
 
