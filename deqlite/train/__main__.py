@@ -25,6 +25,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from ..data.integrity import DataFileError
 from .checkpoint import files_in_use_message, load_checkpoint, run_files_in_use
 from .config import RESUMABLE, TrainConfig
 from .configs import PRESETS, load_preset
@@ -104,7 +105,10 @@ def _trainer(args, config: TrainConfig, main_process: bool) -> Trainer | None:
         taken = run_files_in_use(log, checkpoint) if main_process else []
         if taken and not args.overwrite:
             raise SystemExit(files_in_use_message(taken, cli=True))
-        return Trainer(config, overwrite=args.overwrite)
+        try:
+            return Trainer(config, overwrite=args.overwrite)
+        except (FileNotFoundError, DataFileError) as e:     # the data: the message says what to do
+            raise SystemExit(f"--config {args.config}: {e}") from None
     if not Path(checkpoint).exists():
         raise SystemExit(f"--resume: no checkpoint at {checkpoint}"
                          + (f" (the log {log} exists: the run stopped before its first "

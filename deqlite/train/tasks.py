@@ -202,19 +202,19 @@ class LanguageModeling(_Task):
 
     def train_batches(self) -> StreamBatches:
         c, p = self.config, self.place
-        return StreamBatches(self.train_set.tokens, c.batch_size, c.seq_len, rank=p.rank,
+        return StreamBatches(self.train_set, c.batch_size, c.seq_len, rank=p.rank,
                              world_size=p.world_size)
 
     def eval_batches(self, dataset, batch_size: int) -> Iterator:
         p = self.place
-        return eval_windows(dataset.tokens, batch_size, self.config.seq_len, rank=p.rank,
+        return eval_windows(dataset, batch_size, self.config.seq_len, rank=p.rank,
                             world_size=p.world_size)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, non_blocking=True)
 
     def probe_inputs(self, n: int) -> torch.Tensor:
-        return self.inputs(first_windows(self.test_set.tokens, n, self.config.seq_len)[0])
+        return self.inputs(first_windows(self.test_set, n, self.config.seq_len)[0])
 
     def forward(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return module(x, y)                                 # mean NLL per token, from the model

@@ -402,3 +402,10 @@ def test_samples_lost_to_nan_are_named_and_logged_even_under_on_fail_ignore(tmp_
         assert trainer.evaluate()["nonfinite"] == 1                  # one per held-out batch
     monkeypatch.undo()
     assert trainer.evaluate()["nonfinite"] == 0
+
+
+def test_missing_data_is_a_message_not_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match="--config cifar10_mdeq_tiny: .*cifar"):
+        cli.main(["--config", "cifar10_mdeq_tiny", "--set", f"data_root={tmp_path / 'none'}",
+                  "--log", str(tmp_path / "x.jsonl"), "--checkpoint", str(tmp_path / "x.pt")])
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "x.pt").exists()
