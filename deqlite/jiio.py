@@ -28,24 +28,21 @@ f and ℓ with weights (μ, 1) gives J_zᵀμ + ∇_zℓ and J_xᵀμ + ∇_xℓ
 
     damped:    z ← z + a (f − z),  μ ← μ + b (J_zᵀμ + ∇_zℓ − μ),  x ← Π_C(x − α ∇_x L)
     anderson:  Anderson acceleration (``solvers.AndersonMixer``) on the joint state, then Π_C on x
-               (an extrapolated x may leave C); safeguarded: a sample whose KKT residuals grew
-               takes the damped step instead (plain joint Anderson can stall on ill-conditioned
-               problems, extrapolating x far out).
+               (an extrapolated x may leave C); a sample whose KKT residuals grew takes the damped
+               step instead (plain joint Anderson can stall, extrapolating x far out).
 
 Neither the equilibrium nor the adjoint is solved exactly while x still moves, which is where the
 saving comes from. Convergence is judged per sample on the three KKT residuals (see ``jiio``).
 
-Training with JIIO inside the loop (a decoder with latent optimization and no encoder): the outer
-gradient of Φ(θ) = min_x ℓ(z*(x, θ), x) is taken at (z*, x*) with x* detached. By the envelope
-theorem dΦ/dθ = ∂ℓ(z*(x*, θ), x*)/∂θ, because the term through x* is (dx*/dθ)ᵀ times the *total*
-derivative J_xᵀμ + ∇_xℓ, which stationarity makes 0 at x* (≈ 0 when JIIO stopped at its
-tolerance). ``attach(deq, result)`` gives that gradient: one application of f with a graph, whose
-backward solves the adjoint warm-started from μ*, which already solves it.
+Training with JIIO inside the loop (a decoder with latent optimization, no encoder): by the
+envelope theorem the gradient of Φ(θ) = min_x ℓ(z*(x, θ), x) is ∂ℓ(z*(x*, θ), x*)/∂θ with x*
+detached (the term through x* is (dx*/dθ)ᵀ (J_xᵀμ + ∇_xℓ), 0 by stationarity): ``attach``.
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -53,15 +50,12 @@ import torch
 from torch import nn
 
 from ._validate import check_range, check_tensor, lookup, strict_options
-from .deq import flat_map
+from .deq import check_dtypes, check_parameters, check_start, flat_map
+from .projections import CheckedProjection
 from .solvers import AndersonMixer, detach_state, flatten_state, unflatten_state, where_state
-from .stats import InputOptStats, Snapshot, residuals
+from .stats import DEQConvergenceWarning, InputOptStats, Snapshot, residuals
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]     # (z, x) -> (batch,) objective
-
-
-def _identity(x):
-    return x
 
 
 # ---------------------------------------------------------------------------- the record
@@ -103,9 +97,8 @@ class _Recorder:
 
 @dataclass
 class JIIOResult:
-    """``x``: the optimized inputs, ``z``: their equilibrium states, ``adjoint``: μ (flat,
-    (batch, D); None for ``nested``, which solves the adjoint anew at every step), ``stats``: the
-    record. Each is, per sample, the best iterate seen."""
+    """The optimized inputs ``x``, their equilibrium states ``z``, μ (flat, (batch, D); None for
+    ``nested``) and the record ``stats``; x, z and μ per sample the best iterate seen."""
     x: torch.Tensor
     z: object
     adjoint: Optional[torch.Tensor]
@@ -114,12 +107,13 @@ class JIIOResult:
 
 def _cell_map(deq: nn.Module, encode: Callable, x: torch.Tensor, z0=None):
     """``(f, z0_flat, spec)``: f(z_flat, x) = flat cell(z, inject(encode(x))) (the injection
-    recomputed for every x), the flat starting state (z0, or the cell's ``init_state`` at x) and
-    the spec of the state's shape."""
+    recomputed for every x), the flat z0 (checked) or the cell's ``init_state`` at x, its spec."""
     cell = deq.cell
     with torch.no_grad():
-        z0_flat, spec = flatten_state(cell.init_state(cell.inject(encode(x))) if z0 is None
-                                      else z0, "z0")
+        state = cell.init_state(cell.inject(encode(x)))
+        z0_flat, spec = flatten_state(state if z0 is None else z0, "z0")
+    if z0 is not None:
+        check_start(z0, state)
     step = flat_map(cell, spec)
     return (lambda z_flat, x: step(z_flat, cell.inject(encode(x)))), z0_flat, spec
 
@@ -146,6 +140,9 @@ def _check_problem(deq, x0, loss, encode, projection):
     for name, fn in (("loss", loss), ("encode", encode), ("projection", projection)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}.")
+    if encode is None:
+        check_dtypes(deq.cell, x0)
+    return encode or nn.Identity(), CheckedProjection(projection)
 
 
 def _objective(loss: Loss, z, x: torch.Tensor) -> torch.Tensor:
@@ -157,39 +154,62 @@ def _objective(loss: Loss, z, x: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def _lost(*tensors: torch.Tensor) -> torch.Tensor:
+    """Per sample (row), whether any of the tensors holds a NaN/inf value there."""
+    return torch.stack([~torch.isfinite(t.unsqueeze(-1).flatten(1)).all(1) for t in tensors]).any(0)
+
+
 class _JointTracker:
     """JIIO's per-sample bookkeeping (as ``solvers._Tracker`` is the solvers'): the three KKT
     residuals of every iterate, its merit (the largest residual over its tolerance), convergence
-    (merit ≤ 1; a converged sample is frozen) and the best iterate by merit."""
+    (merit ≤ 1; frozen then), the best iterate by merit, the samples gone NaN/inf (frozen too)."""
 
     def __init__(self, w: tuple, *, tol: float, grad_tol: float, step_size: float):
         z = w[0]
         self.tol, self.grad_tol, self.step_size = tol, grad_tol, step_size
         self.traces: dict[str, list] = dict(primal=[], adjoint=[], stationarity=[])
         self.done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
-        self.merit = self.best_merit = torch.full((z.shape[0],), math.inf, dtype=z.dtype,
-                                                  device=z.device)
+        self.merit = self.best_merit = z.new_full((z.shape[0],), math.inf)
         self.best, self.best_iteration = w, torch.zeros_like(self.done, dtype=torch.long)
+        self.failed, self.failed_at = torch.zeros_like(self.done), torch.zeros_like(self.best_iteration)
+
+    def lose(self, k: int, lost: torch.Tensor) -> None:
+        """The samples ``lost`` ((batch,) bool) went NaN/inf at iteration k."""
+        self.failed_at = torch.where(lost & ~self.done & ~self.failed, k, self.failed_at)
+        self.failed = self.failed | (lost & ~self.done)
 
     @torch.no_grad()
-    def judge(self, k: int, w: tuple, Tw: tuple) -> tuple:
+    def judge(self, k: int, w: tuple, Tw: tuple, objective: torch.Tensor) -> tuple:
         """Record iterate k, w = (z, μ, x), from its image Tw = (f, J_zᵀμ + ∇_zℓ, Π(x − α∇_xL))."""
+        self.lose(k, _lost(*Tw, objective))
         (z, mu, x), (fz, adj, x_next) = w, Tw
         primal, adjoint = residuals(fz, z)[1], residuals(adj, mu)[1]
         stationarity = (x - x_next).flatten(1).norm(dim=1) / self.step_size
         self.merit = torch.maximum(torch.maximum(primal, adjoint) / self.tol,
                                    stationarity / self.grad_tol)
-        better = ~self.done & (self.merit < self.best_merit)
+        better = ~self.done & ~self.failed & (self.merit < self.best_merit)
         self.best_merit = torch.where(better, self.merit, self.best_merit)
         self.best_iteration = torch.where(better, k, self.best_iteration)
         self.best = where_state(better, list(w), self.best)
-        self.done = self.done | (self.merit <= 1)
+        self.done = self.done | (~self.failed & (self.merit <= 1))
         for name, value in zip(self.traces, (primal, adjoint, stationarity)):
             self.traces[name].append(value)
         return primal, adjoint, stationarity
 
-    def kkt(self) -> dict:
-        return {name: torch.stack(trace) for name, trace in self.traces.items()}
+    def warn_if_lost(self, cell: nn.Module, solver: str, step_size: float) -> None:
+        """If samples went NaN/inf: an error for NaN/inf parameters, or else a warning, with advice."""
+        if not bool(self.failed.any()):
+            return
+        check_parameters(cell, "JIIO went NaN/inf")
+        lost = self.failed.nonzero().flatten().tolist()
+        k = int(self.failed_at[lost].min())
+        warnings.warn(
+            f"JIIO (solver={solver!r}, step_size={step_size:g}) went NaN/inf for sample(s) "
+            f"{', '.join(map(str, lost[:8]))}{' ...' * (len(lost) > 8)}, first at iteration {k + 1}"
+            f"{' (the start: check the loss and encode at x0)' * (k == 0)}; they are returned at "
+            f"their best iterate before it, not converged. Try a smaller step_size, solver='damped' "
+            f"with z_damping and adjoint_damping < 1, a stronger regularizer of x in the loss, or a "
+            f"projection that bounds x.", DEQConvergenceWarning, stacklevel=4)
 
 
 class _JointStep:
@@ -198,6 +218,9 @@ class _JointStep:
 
     def __init__(self, solver: str, sizes: tuple, like: torch.Tensor, *, z_damping: float,
                  adjoint_damping: float, m: int, beta: float, lam: float, safeguard: float):
+        for name, value in dict(z_damping=z_damping, adjoint_damping=adjoint_damping).items():
+            check_range(value, name, low=0, high=1, low_open=True)
+        check_range(safeguard, "safeguard", low=0)
         self.sizes, self.safeguard, self.previous_merit = sizes, safeguard, None
         self.mixer = AndersonMixer(like.shape[0], sum(sizes), m=m, beta=beta, lam=lam, like=like) \
             if solver == "anderson" else None
@@ -221,8 +244,9 @@ class _JointStep:
                 w_next = torch.where(rose[:, None], w_damped, w_next)
         self.previous_merit = merit
         w_next = torch.where(done[:, None], w_flat, w_next)
-        z, mu, x_flat = w_next.split(self.sizes, dim=1)
-        return z, mu, project(x_flat.reshape(x.shape))
+        lost = _lost(w_next)                    # an overflowing step: the sample stays at w
+        z, mu, x_flat = torch.where(lost[:, None], w_flat, w_next).split(self.sizes, dim=1)
+        return (z, mu, project(x_flat.reshape(x.shape))), lost
 
 
 JIIO_SOLVERS = ("damped", "anderson")
@@ -250,37 +274,39 @@ def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float,
     instead (0: never; without it joint Anderson can stall on ill-conditioned problems,
     ``benchmarks/README.md``). ``record_every``: keep a snapshot of x every this many iterations.
     ``callback(k, primal, adjoint, stationarity)`` sees each iterate's residuals, per sample.
+    A sample gone NaN/inf (a step size too large) is frozen at its last finite iterate and named in
+    a ``DEQConvergenceWarning``; a bad projection's output is an error (``CheckedProjection``).
     """
-    _check_problem(deq, x0, loss, encode, projection)
     lookup(JIIO_SOLVERS, solver, "JIIO solver")
     for name, value in dict(step_size=step_size, tol=tol, grad_tol=grad_tol).items():
         check_range(value, name, low=0, low_open=True)
     check_range(max_iter, "max_iter", low=1, integer=True)
-    for name, value in dict(z_damping=z_damping, adjoint_damping=adjoint_damping).items():
-        check_range(value, name, low=0, high=1, low_open=True)
-    check_range(safeguard, "safeguard", low=0)
-    encode, project = encode or _identity, projection or _identity
+    encode, project = _check_problem(deq, x0, loss, encode, projection)
     x = project(x0.detach())
     f, z, spec = _cell_map(deq, encode, x, z0)
     flat_loss = lambda z_flat, x: _objective(loss, unflatten_state(z_flat, spec), x)  # noqa: E731
     w = (z, torch.zeros_like(z), x)                     # (z, μ, x)
-    step = _JointStep(solver, (z.shape[1], z.shape[1], x[0].numel()), z, z_damping=z_damping,
+    step = _JointStep(solver, (z.shape[1], z.shape[1], math.prod(x.shape[1:])), z, z_damping=z_damping,
                       adjoint_damping=adjoint_damping, m=m, beta=beta, lam=lam, safeguard=safeguard)
     tracker = _JointTracker(w, tol=tol, grad_tol=grad_tol, step_size=step_size)
     rec = _Recorder(record_every)
     for k in range(max_iter):
+        project.where = f"JIIO iteration {k + 1}"
         *Tw, objective = augmented_map(f, flat_loss, *w, step_size, project)
         rec.f_evals, rec.vjps = rec.f_evals + 1, rec.vjps + 1
-        kkt = tracker.judge(k, w, Tw)
+        kkt = tracker.judge(k, w, Tw, objective)
         rec.record(objective, w[2])
         if callback is not None:
             callback(k + 1, *kkt)
-        if bool(tracker.done.all()):
+        frozen = tracker.done | tracker.failed
+        if bool(frozen.all()):
             break
-        w = step(w, Tw, tracker.merit, tracker.done, project)
+        w, lost = step(w, Tw, tracker.merit, frozen, project)
+        tracker.lose(k, lost)
+    tracker.warn_if_lost(deq.cell, solver, step_size)
     z_best, mu_best, x_best = tracker.best
-    stats = rec.stats(f"jiio/{solver}", tracker.best_iteration, w[2], **tracker.kkt(),
-                      converged=tracker.done)
+    stats = rec.stats(f"jiio/{solver}", tracker.best_iteration, w[2], converged=tracker.done,
+                      **{name: torch.stack(trace) for name, trace in tracker.traces.items()})
     return JIIOResult(x=x_best, z=unflatten_state(z_best, spec), adjoint=mu_best, stats=stats)
 
 
@@ -319,8 +345,9 @@ def _input_optimizer(name: str, x: torch.Tensor, lr: float):
 
 
 @torch.no_grad()
-def _descend(name: str, opt, x: torch.Tensor, lr: float, project: Callable) -> None:
-    """One step on x from its gradient (adam, sgd or normalized), then the projection."""
+def _descend(name: str, opt, x: torch.Tensor, lr: float, project: Callable) -> bool:
+    """One step on x from its gradient (adam, sgd or normalized), then Π; True: x went NaN/inf."""
+    before = x.clone()
     if name == "adam":
         opt.step()
     elif name == "sgd":
@@ -328,7 +355,9 @@ def _descend(name: str, opt, x: torch.Tensor, lr: float, project: Callable) -> N
     else:
         norm = x.grad.flatten(1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
         x -= lr * x.grad / norm.reshape(-1, *[1] * (x.dim() - 1))
-    x.copy_(project(x))
+    lost = bool(_lost(x).any())
+    x.copy_(before if lost else project(x))
+    return lost
 
 
 @strict_options
@@ -348,13 +377,12 @@ def nested(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, lr: float, steps: in
     sample, ``adjoint`` None); evaluations count every forward solve's NFE plus the application
     of f that carries the graph, VJPs every adjoint NFE plus the final pass to x.
     """
-    _check_problem(deq, x0, loss, encode, projection)
+    encode, project = _check_problem(deq, x0, loss, encode, projection)
     lookup(INPUT_OPTIMIZERS, optimizer, "optimizer")
     check_range(lr, "lr", low=0, low_open=True)
     check_range(steps, "steps", low=1, integer=True)
     if optimizer == "lbfgs" and projection is not None:
         raise ValueError("optimizer='lbfgs' takes no projection; use 'adam', 'sgd' or 'normalized'.")
-    encode, project = encode or _identity, projection or _identity
     x = project(x0.detach()).clone().requires_grad_()
     rec, best, last = _Recorder(record_every), _BestInput(), dict(z=None, objective=None, step=0)
 
@@ -376,8 +404,10 @@ def nested(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, lr: float, steps: in
         rec.record(last["objective"], x)
         if callback is not None:
             callback(k + 1, last["objective"])
-        if optimizer != "lbfgs":
-            _descend(optimizer, opt, x, lr, project)
+        if optimizer != "lbfgs" and _descend(optimizer, opt, x, lr, project):
+            warnings.warn(f"nested ({optimizer}, lr={lr:g}): step {k + 1} took x to NaN/inf; the best "
+                          f"iterates before it are returned. Try a smaller lr.", DEQConvergenceWarning, 3)
+            break
     stats = rec.stats(f"nested/{optimizer}", best.iteration, x)
     return JIIOResult(x=best.x, z=best.z, adjoint=None, stats=stats)
 
@@ -388,7 +418,7 @@ def objective_at(deq: nn.Module, x: torch.Tensor, loss: Loss, *,
                  encode: Optional[Callable] = None) -> torch.Tensor:
     """ℓ(z*(x), x) per sample, with z* solved by the DEQ's own forward solve: the true objective
     of an input, for comparing methods fairly (not counted as work)."""
-    encode = encode or _identity
+    encode = encode or nn.Identity()
     with torch.no_grad():
         return _objective(loss, deq(encode(x)), x)
 
@@ -404,7 +434,7 @@ def attach(deq: nn.Module, result: JIIOResult, *, encode: Optional[Callable] = N
     if result.adjoint is None:
         raise ValueError("attach needs JIIO's adjoint μ* (result.adjoint); a nested() result has "
                          "none: use jiio() for training with input optimization in the loop.")
-    encode = encode or _identity
+    encode = encode or nn.Identity()
     m = deq.fixed_point_map(encode(result.x.detach()), result.z)
     z = deq.adjoint.attach(m.z0.detach(), m.f, adjoint0=scale * result.adjoint.detach())
     return m.unflatten(z)

@@ -133,3 +133,33 @@ class L2Ball:
 
     def __repr__(self) -> str:
         return f"L2Ball(radius={self.radius}, center={'0' if self.center is None else 'given'})"
+
+
+class CheckedProjection:
+    """A projection Π (any callable; None: the identity) whose every output is checked, for
+    ``deqlite.jiio``: a tensor of its input's shape and dtype, finite wherever the input is (one
+    synchronization per call). ``where`` names the caller's step in the error ("JIIO iteration
+    3"). NaN/inf from NaN/inf input is passed on: that is the caller's divergence to report."""
+
+    def __init__(self, projection=None):
+        self.projection, self.where = projection, "the start"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.projection is None:
+            return x
+        out = self.projection(x)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype:
+            got = f"a tensor of shape {tuple(out.shape)} and dtype {out.dtype}" \
+                if isinstance(out, torch.Tensor) else type(out).__name__
+            raise (ValueError if isinstance(out, torch.Tensor) else TypeError)(
+                f"the projection {self.projection!r} returned {got} at {self.where} for x of shape "
+                f"{tuple(x.shape)} and dtype {x.dtype}; a projection must return x's shape and dtype.")
+        if not bool(torch.isfinite(out).all()):
+            broken = (~torch.isfinite(out) & torch.isfinite(x)).unsqueeze(-1).flatten(1).any(1)
+            if bool(broken.any()):
+                samples = broken.nonzero().flatten().tolist()
+                raise ValueError(f"the projection {self.projection!r} returned NaN/inf at "
+                                 f"{self.where} for a finite x (sample(s) "
+                                 f"{', '.join(map(str, samples[:8]))}); check its bounds, center "
+                                 f"and radius.")
+        return out

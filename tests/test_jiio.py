@@ -4,7 +4,7 @@ feasible; the counters count exactly; options are validated."""
 import pytest
 import torch
 
-from deqlite import DEQ, MLPCell
+from deqlite import DEQ, DEQConvergenceWarning, MLPCell
 from deqlite.jiio import JIIOResult, attach, jiio, nested, objective_at
 from deqlite.projections import Box, L2Ball
 from deqlite.models import DEQDecoder
@@ -246,3 +246,71 @@ def test_the_safeguard_keeps_joint_anderson_from_stalling():
                           tol=1e-7, grad_tol=1e-6, max_iter=600, safeguard=safeguard)
             converged[safeguard] += int(result.stats.converged.sum())
     assert converged[1.0] >= 1.5 * converged[0.0], converged
+
+
+# --- divergence and bad projections are JIIO's to report, not the input's ------------------------
+
+def test_a_diverging_sample_is_frozen_named_and_the_others_converge_as_if_alone():
+    deq, loss, _ = problem()
+    x0 = torch.full((3, 4), 0.1, dtype=DT)
+    weight = torch.tensor([1.0, 1.0, 2e3], dtype=DT)     # sample 2: a step of 0.1 overshoots
+
+    def stiff(z, x):
+        return loss(z, x) + weight * (x ** 2).sum(1)
+    with pytest.warns(DEQConvergenceWarning, match=r"JIIO \(solver='anderson', step_size=0.1\) "
+                                                   r"went NaN/inf for sample\(s\) 2, first at "
+                                                   r"iteration \d+.*smaller step_size"):
+        result = jiio(deq, x0, stiff, step_size=0.1, tol=1e-7, grad_tol=1e-7, max_iter=200)
+    assert result.stats.converged.tolist() == [True, True, False]
+    assert torch.isfinite(result.x).all() and torch.isfinite(result.adjoint).all()
+    alone = jiio(deq, x0[:2], lambda z, x: stiff(torch.cat([z, z[:1]]), torch.cat([x, x[:1]]))[:2],
+                 step_size=0.1, tol=1e-7, grad_tol=1e-7, max_iter=200)
+    torch.testing.assert_close(result.x[:2], alone.x, atol=1e-7, rtol=0)
+
+
+def test_a_projection_that_breaks_or_reshapes_x_is_named_with_the_iteration():
+    deq, loss, x0 = problem()
+
+    class Leaky(Box):                                  # NaN once x leaves a small box
+        def __call__(self, x):
+            return torch.where(x.abs() > 0.05, float("nan"), x)
+
+        def __repr__(self):
+            return "Leaky()"
+    with pytest.raises(ValueError, match=r"the projection Leaky\(\) returned NaN/inf at JIIO "
+                                         r"iteration \d+ for a finite x \(sample\(s\) [\d, ]+\)"):
+        jiio(deq, x0, loss, step_size=0.1, projection=Leaky())
+    with pytest.raises(ValueError, match=r"returned a tensor of shape \(3, 2\).*at the start for x "
+                                         r"of shape \(3, 4\)"):
+        jiio(deq, x0, loss, step_size=0.1, projection=lambda x: x[:, :2])
+    with pytest.raises(TypeError, match=r"the projection .* returned NoneType"):
+        nested(deq, x0, loss, lr=0.1, steps=1, projection=lambda x: None)
+
+
+def test_nan_weights_dtypes_start_states_and_empty_batches():
+    deq, loss, x0 = problem()
+    with pytest.raises(TypeError, match=r"x has dtype torch.float32 but the cell's parameters have "
+                                        r"dtype torch.float64"):
+        jiio(deq, x0.float(), loss, step_size=0.1)
+    with pytest.raises(ValueError, match=r"z0 is a tensor of shape \(3, 5\); the cell's state for "
+                                         r"this x has shape \(3, 8\)"):
+        jiio(deq, x0, loss, step_size=0.1, z0=torch.zeros(3, 5, dtype=DT))
+    for solver in ("anderson", "damped"):
+        _, loss0, x00 = problem(batch=0)
+        empty = jiio(deq, x00, loss0, step_size=0.1, max_iter=3, solver=solver)
+        assert empty.x.shape == (0, 4) and empty.stats.converged.shape == (0,)
+    with torch.no_grad():
+        deq.cell.W.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"JIIO went NaN/inf: the cell's parameters contain "
+                                         r"NaN/inf, in W.weight \(1 of 64 values\)"):
+        jiio(deq, x0, loss, step_size=0.1, max_iter=5)
+
+
+def test_nested_stops_with_a_warning_when_a_step_takes_x_to_nan():
+    deq, _, x0 = problem()
+    with pytest.warns(DEQConvergenceWarning, match=r"nested \(sgd, lr=1\): step 2 took x to "
+                                                   r"NaN/inf.*smaller lr"):
+        result = nested(deq, x0 + 0.1, lambda z, x: 1e200 * (x ** 2).sum(1) + z.sum(1), lr=1.0,
+                        steps=10, optimizer="sgd", record_every=1)
+    assert result.stats.iterations == 2 and torch.isfinite(result.x).all()
+    assert all(torch.isfinite(s.x).all() for s in result.stats.snapshots)
