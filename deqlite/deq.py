@@ -382,9 +382,8 @@ class DEQ(nn.Module):
                 z = m.f(z)
         else:
             z, self.forward_stats = self.gradient.solve(self.forward_solver, m.f, m.z0)
-            if not self.forward_stats.all_converged and \
-                    not bool(torch.isfinite(self.forward_stats.residuals).all()):
-                check_parameters(self.cell, "the forward solve went non-finite")
+            if self.forward_stats.num_nonfinite:        # NaN/inf weights: name them
+                check_parameters(self.cell, "the forward solve went NaN/inf")
             check_convergence(self.forward_stats, "forward", self.on_fail)
             if needs_grad:
                 z = self.gradient.attach(z, m.f)

@@ -53,7 +53,7 @@ from ._validate import check_range, check_tensor, lookup, strict_options
 from .deq import check_dtypes, check_parameters, check_start, flat_map
 from .projections import CheckedProjection
 from .solvers import AndersonMixer, detach_state, flatten_state, unflatten_state, where_state
-from .stats import DEQConvergenceWarning, InputOptStats, Snapshot, residuals
+from .stats import DEQNonFiniteWarning, InputOptStats, Snapshot, residuals
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]     # (z, x) -> (batch,) objective
 
@@ -209,7 +209,7 @@ class _JointTracker:
             f"{' (the start: check the loss and encode at x0)' * (k == 0)}; they are returned at "
             f"their best iterate before it, not converged. Try a smaller step_size, solver='damped' "
             f"with z_damping and adjoint_damping < 1, a stronger regularizer of x in the loss, or a "
-            f"projection that bounds x.", DEQConvergenceWarning, stacklevel=4)
+            f"projection that bounds x.", DEQNonFiniteWarning, stacklevel=4)
 
 
 class _JointStep:
@@ -275,7 +275,7 @@ def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float,
     ``benchmarks/README.md``). ``record_every``: keep a snapshot of x every this many iterations.
     ``callback(k, primal, adjoint, stationarity)`` sees each iterate's residuals, per sample.
     A sample gone NaN/inf (a step size too large) is frozen at its last finite iterate and named in
-    a ``DEQConvergenceWarning``; a bad projection's output is an error (``CheckedProjection``).
+    a ``DEQNonFiniteWarning``; a bad projection's output is an error (``CheckedProjection``).
     """
     lookup(JIIO_SOLVERS, solver, "JIIO solver")
     for name, value in dict(step_size=step_size, tol=tol, grad_tol=grad_tol).items():
@@ -406,7 +406,7 @@ def nested(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, lr: float, steps: in
             callback(k + 1, last["objective"])
         if optimizer != "lbfgs" and _descend(optimizer, opt, x, lr, project):
             warnings.warn(f"nested ({optimizer}, lr={lr:g}): step {k + 1} took x to NaN/inf; the best "
-                          f"iterates before it are returned. Try a smaller lr.", DEQConvergenceWarning, 3)
+                          f"iterates before it are returned. Try a smaller lr.", DEQNonFiniteWarning, 3)
             break
     stats = rec.stats(f"nested/{optimizer}", best.iteration, x)
     return JIIOResult(x=best.x, z=best.z, adjoint=None, stats=stats)

@@ -363,7 +363,7 @@ def test_nan_weights_are_named_not_blamed_on_the_input():
     deq = DEQ(MLPCell(3, 4), on_fail="ignore")
     with torch.no_grad():
         deq.cell.W.weight[1] = float("inf")                    # not in the injection: in the solve
-    with pytest.raises(ValueError, match=r"forward solve went non-finite.*W.weight \(4 of 16"):
+    with pytest.raises(ValueError, match=r"forward solve went NaN/inf.*W.weight \(4 of 16"):
         deq(torch.randn(2, 3))
     with pytest.raises(ValueError, match=r"x, the DEQ's input, contains 2 NaN/inf value\(s\) \(in "
                                          r"sample\(s\) 1\).*layers before the DEQ"):

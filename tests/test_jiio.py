@@ -4,7 +4,8 @@ feasible; the counters count exactly; options are validated."""
 import pytest
 import torch
 
-from deqlite import DEQ, DEQConvergenceWarning, MLPCell
+from deqlite import DEQ, MLPCell
+from deqlite.stats import DEQNonFiniteWarning
 from deqlite.jiio import JIIOResult, attach, jiio, nested, objective_at
 from deqlite.projections import Box, L2Ball
 from deqlite.models import DEQDecoder
@@ -257,7 +258,7 @@ def test_a_diverging_sample_is_frozen_named_and_the_others_converge_as_if_alone(
 
     def stiff(z, x):
         return loss(z, x) + weight * (x ** 2).sum(1)
-    with pytest.warns(DEQConvergenceWarning, match=r"JIIO \(solver='anderson', step_size=0.1\) "
+    with pytest.warns(DEQNonFiniteWarning, match=r"JIIO \(solver='anderson', step_size=0.1\) "
                                                    r"went NaN/inf for sample\(s\) 2, first at "
                                                    r"iteration \d+.*smaller step_size"):
         result = jiio(deq, x0, stiff, step_size=0.1, tol=1e-7, grad_tol=1e-7, max_iter=200)
@@ -308,7 +309,7 @@ def test_nan_weights_dtypes_start_states_and_empty_batches():
 
 def test_nested_stops_with_a_warning_when_a_step_takes_x_to_nan():
     deq, _, x0 = problem()
-    with pytest.warns(DEQConvergenceWarning, match=r"nested \(sgd, lr=1\): step 2 took x to "
+    with pytest.warns(DEQNonFiniteWarning, match=r"nested \(sgd, lr=1\): step 2 took x to "
                                                    r"NaN/inf.*smaller lr"):
         result = nested(deq, x0 + 0.1, lambda z, x: 1e200 * (x ** 2).sum(1) + z.sum(1), lr=1.0,
                         steps=10, optimizer="sgd", record_every=1)
