@@ -57,8 +57,10 @@ Second derivatives (``create_graph=True``: a gradient penalty, a Hessian–vecto
   needs the adjoint solve itself differentiated by the same theorem, with the parameters and the
   injection as explicit inputs of the backward; here it is an error that says what to use.
 
-Non-finite gradients stay non-finite: an incoming ∂ℓ/∂z* with NaN/inf gives a NaN adjoint for
-its sample (never a zero one), and ``check_convergence`` says so whatever ``on_fail`` is.
+Non-finite gradients stay non-finite: a sample whose adjoint solve met NaN/inf (an incoming
+∂ℓ/∂z* with NaN/inf, or an iteration that overflowed) gets a NaN adjoint, never a zero or a
+truncated one, so that a gradient scaler skips the step and a trainer sees it; and
+``check_convergence`` says so whatever ``on_fail`` is.
 
 Every rule works on flat states (batch, D) and a map f on them (``DEQ.fixed_point_map``). The
 rules are registered in ``BACKWARDS``; ``make_rule`` builds one from its name and validated options.
@@ -174,10 +176,10 @@ class IFT(GradientRule):
         def adjoint(grad: torch.Tensor) -> torch.Tensor:
             start = torch.zeros_like(grad) if adjoint0 is None else adjoint0
             g, self.stats = self.solver(lambda y: vjp(y) + grad, start)   # y ↦ Jᵀ y + ∂ℓ/∂z*
-            # a NaN/inf ∂ℓ/∂z* makes the first f(g) NaN/inf: that sample's g is NaN, not 0
+            # a sample that met NaN/inf (e.g. in ∂ℓ/∂z*) gets g = NaN: never 0, nor a partial sum
             check_convergence(self.stats, "backward (adjoint)", self.on_fail,
                               hint=_upstream_hint(grad, self.stats))
-            return g
+            return g.masked_fill(self.stats.nonfinite[:, None], float("nan"))
 
         _adjoint_hook(z, adjoint, self.name)
         return z
@@ -220,7 +222,7 @@ def neumann_series(vjp: FlatMap, v: torch.Tensor, k: int) -> tuple[torch.Tensor,
         abs_res.append(r_abs)
         rel_res.append(r_rel)
         g = g_next
-    return g, SolverStats.from_traces("neumann", abs_res, rel_res, start)
+    return g, SolverStats.from_traces("neumann", abs_res, rel_res, start, v.dtype)
 
 
 def _check_k(k: Any, rule: str) -> None:
@@ -270,7 +272,7 @@ class Phantom(GradientRule):
             abs_res.append(r_abs)
             rel_res.append(r_rel)
             z = z + self.tau * (fz - z) if self.tau != 1 else fz
-        self.stats = SolverStats.from_traces("phantom", abs_res, rel_res, start)
+        self.stats = SolverStats.from_traces("phantom", abs_res, rel_res, start, z.dtype)
         return z
 
 

@@ -14,12 +14,8 @@ and the same batch conventions:
   ‖f(z) − z‖ / ‖f(z)‖, ``stop="abs"``: ‖f(z) − z‖) is at most ``tol``. A sample that is done stops
   changing; the loop ends when every sample is done or after ``max_iter`` evaluations of f.
 * The returned z is, per sample, the best iterate seen (lowest residual), so a solve that fails
-  to converge still returns its best guess. ``stats.converged`` says which samples made it.
-* A sample whose f(z) goes NaN/inf stops there (``stats.nonfinite``); it keeps its best finite
-  iterate, or becomes NaN if it never had one: a lost sample never comes back as z0.
-* f must return a state like its input (batch size, shape, dtype, device; under ``torch.autocast``
-  the dtype may differ), and every setting is checked before the first iteration: a number in its
-  range, never NaN or inf (``check_settings``; ``SolverSpec`` checks them when it is made).
+  to converge still returns its best guess. ``stats.converged`` says which samples made it; a
+  sample whose f(z) went NaN/inf (``stats.nonfinite``) keeps its best finite iterate, or is NaN.
 * f is evaluated exactly once per iteration, so ``stats.nfe`` is the number of iterations.
 
 The three methods (see each docstring for the math):
@@ -62,9 +58,8 @@ def flatten_state(state: State, name: str = "z", *, check: bool = True) -> tuple
             not all(isinstance(t, torch.Tensor) for t in state):
         raise TypeError(f"{name} must be a tensor or a non-empty list of tensors, got "
                         f"{type(state).__name__}.")
-    for i, t in enumerate(state):
-        if check:
-            check_tensor(t, f"{name}[{i}]")
+    for i, t in enumerate(state if check else ()):
+        check_tensor(t, f"{name}[{i}]")
     batch, dtype = state[0].shape[0], state[0].dtype
     if any(t.shape[0] != batch or t.dtype != dtype or t.device != state[0].device for t in state):
         raise ValueError(f"the tensors of {name} must share batch size, dtype and device; got "
@@ -107,14 +102,11 @@ def _describe(state: Any) -> str:
     """``"shape (2, 3), torch.float32, cpu"`` for a tensor state, the same per entry for a list."""
     if isinstance(state, torch.Tensor):
         return f"shape {tuple(state.shape)}, {state.dtype}, {state.device}"
-    if _is_state(state):
-        return "[" + "; ".join(_describe(t) for t in state) + "]"
-    return f"a {type(state).__name__}"
+    return f"[{'; '.join(map(_describe, state))}]" if _is_state(state) else \
+        f"a {type(state).__name__}"
 
 
-# --- the settings: each a number in its range, never NaN or inf ---------------------------------
-
-# name: (low, high, low_open, integer, what it is), for every solver's settings and options
+# every solver's settings and options: name -> (low, high, low_open, integer, what it is)
 SETTINGS = {
     "tol": (0, None, False, False, "the residual to stop at; 0 runs exactly max_iter steps"),
     "max_iter": (1, None, False, True, "the most evaluations of f"),
@@ -126,33 +118,27 @@ SETTINGS = {
 }
 
 
-def check_setting(name: str, value: Any) -> None:
-    """``value`` is a valid ``SETTINGS[name]``: a number (not a bool) in its range, never NaN or
-    inf. The error names the setting, what it is, the valid range and the value."""
-    low, high, low_open, integer, what = SETTINGS[name]
-    interval = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'} in {interval} "
-                        f"({what}), got {value!r}.")
-    too_low = value <= low if low_open else value < low
-    if not math.isfinite(value) or too_low or (high is not None and value > high):
-        raise ValueError(f"{name} must lie in {interval} ({what}), got {value!r}.")
+def check_setting(**values: Any) -> None:
+    """Each ``name=value`` is a number (not a bool) in the range ``SETTINGS[name]`` gives, never
+    NaN or inf; the error names the setting, what it is, the range and the value."""
+    for name, value in values.items():
+        low, high, low_open, integer, what = SETTINGS[name]
+        interval = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise TypeError(f"{name} must be {'an integer' if integer else 'a number'} in "
+                            f"{interval} ({what}), got {value!r}.")
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            raise ValueError(f"{name} must lie in {interval} ({what}), got {value!r}.")
 
 
 def check_settings(tol: Any, max_iter: Any, stop: Any, options: Mapping[str, Any]) -> None:
-    """The stopping rule and a solver's options (``SETTINGS``), checked before any iteration.
-    With ``stop="rel"`` tol must also be below 1: z = 0 has a relative residual of 1, so a tol of
-    1 or more would accept z0 = 0 as converged without a single step."""
-    check_setting("tol", tol)
-    check_setting("max_iter", max_iter)
+    """The stopping rule and a solver's options (``SETTINGS``), checked before any iteration."""
+    check_setting(tol=tol, max_iter=max_iter, **{k: v for k, v in options.items() if k in SETTINGS})
     check_stop(stop)
-    if stop == "rel" and tol >= 1:
-        raise ValueError(f"tol must be below 1 for stop='rel', got {tol!r}: a relative residual "
-                         f"‖f(z) − z‖ / ‖f(z)‖ of 1 is what z = 0 already has, so every sample "
-                         f"would count as converged at z0. Use tol ≈ 1e-4, or stop='abs'.")
-    for name, value in options.items():
-        if name in SETTINGS:
-            check_setting(name, value)
+    if stop == "rel" and tol >= 1:              # z = 0 has relative residual 1: z0 would pass
+        raise ValueError(f"tol must be below 1 for stop='rel', got {tol!r}: z = 0 already has a "
+                         f"relative residual of 1, so z0 would count as converged. Use tol ≈ 1e-4.")
 
 
 class _Tracker:
@@ -165,11 +151,9 @@ class _Tracker:
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(iteration, abs_res, rel_res).")
         self.name, self.f, self.tol, self.stop, self.callback = name, f, tol, stop, callback
-        batch = self.z0.shape[0]
-        z0 = self.z0
+        z0, batch = self.z0, self.z0.shape[0]
         self.nfe = 0
-        self.abs_trace: list[torch.Tensor] = []
-        self.rel_trace: list[torch.Tensor] = []
+        self.abs_trace, self.rel_trace = [], []                  # (batch,) residuals per evaluation
         self.done = torch.zeros(batch, dtype=torch.bool, device=z0.device)    # converged
         self.failed = torch.zeros_like(self.done)                              # went non-finite
         self.best_z = z0
@@ -209,30 +193,22 @@ class _Tracker:
         return fz
 
     def _check_image(self, fz: Any, state: State, z: torch.Tensor) -> torch.Tensor:
-        """f's return value, flattened, once it is known to be a state like its input (cheap
-        attribute checks, no host sync)."""
-        flat, spec = flatten_state(fz, "f(z)", check=False) if _is_state(fz) else (None, None)
-        ok = flat is not None and spec == self.spec and flat.shape[0] == z.shape[0] \
-            and flat.device == z.device
-        if ok and flat.dtype != z.dtype:
-            ok = torch.is_autocast_enabled(z.device.type)   # autocast changes dtypes on purpose
-            if ok and torch.finfo(flat.dtype).eps > torch.finfo(self.dtype).eps:
-                self.dtype = flat.dtype
-        if not ok:
+        """f's return value, flattened, once it is a state like z (attribute checks: no sync)."""
+        flat, spec = flatten_state(fz, "f(z)", check=False) if _is_state(fz) else (z[:0], None)
+        dtype_ok = flat.dtype == z.dtype or torch.is_autocast_enabled(z.device.type)  # on purpose
+        if (spec, len(flat), flat.device) != (self.spec, len(z), z.device) or not dtype_ok:
             raise ValueError(
                 f"f(z) returned {_describe(fz)} for a state of {_describe(state)}: a fixed-point "
                 f"map must return a state of the same shape (batch size included), dtype and "
-                f"device as its input, since the solver mixes the two. Make f and its state "
-                f"agree, e.g. cast inside f with .to(z.dtype), build the state with the cell's "
-                f"dtype and device (or the cell with the state's: cell.double()), or return the "
-                f"whole batch.")
+                f"device as its input. Cast inside f (.to(z.dtype)), or make the state and the "
+                f"cell agree (e.g. cell.double() for a float64 state).")
+        self.dtype = max(self.dtype, flat.dtype, key=lambda t: torch.finfo(t).eps)
         return flat
 
     def finish(self) -> tuple[torch.Tensor, SolverStats]:
         if self.best_z.is_cuda:
             torch.cuda.synchronize(self.best_z.device)
-        # a sample lost to NaN/inf before any finite iterate has no answer: NaN, not z0
-        never = ~torch.isfinite(self.best_abs)
+        never = ~torch.isfinite(self.best_abs)        # lost before any finite iterate: NaN, not z0
         best_z = self.best_z.masked_fill(never[:, None], float("nan"))
         stats = SolverStats(
             solver=self.name, nfe=self.nfe,
@@ -253,7 +229,7 @@ def forward_iteration(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str
     With τ = 1 this is plain iteration z ← f(z); it converges linearly, at rate ρ(J_f), when f
     is a contraction. τ < 1 trades speed for stability on maps that oscillate.
     """
-    check_setting("damping", damping)
+    check_setting(damping=damping)
     tr = _Tracker("forward_iteration", f, z0, tol, max_iter, stop, callback)
     z = tr.z0
     fz = tr.evaluate(z)
@@ -283,9 +259,9 @@ class AndersonMixer:
     whose dtype and device the buffers take)."""
 
     def __init__(self, batch: int, dim: int, *, m: int, beta: float, lam: float, like: torch.Tensor):
-        for name, value in (("m", m), ("beta", beta), ("lam", lam)):
-            check_setting(name, value)
+        check_setting(m=m, beta=beta, lam=lam)
         self.m, self.beta, self.lam, self.k = m, beta, lam, 0
+        self.acc = torch.promote_types(like.dtype, torch.float32)  # float16's g·g overflows at 65504
         self.X, self.F, self.G = (like.new_zeros(batch, m, dim) for _ in range(3))
         self.gram = torch.zeros(batch, m, m, dtype=torch.float64, device=like.device)
 
@@ -296,7 +272,7 @@ class AndersonMixer:
         every = slice(None)
         self.X, self.F = _write(self.X, (every, slot), x), _write(self.F, (every, slot), fx)
         self.G = _write(self.G, (every, slot), g)
-        row = (self.G[:, :n] * g[:, None]).sum(-1).double()                  # g_i · g_new
+        row = (self.G[:, :n].to(self.acc) * g[:, None].to(self.acc)).sum(-1).double()  # g_i·g_new
         self.gram = _write(self.gram, (every, slot, slice(0, n)), row)
         self.gram = _write(self.gram, (every, slice(0, n), slot), row)
         H = self.gram[:, :n, :n]
@@ -362,7 +338,7 @@ def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     only the oldest pair instead, as the DEQ research code does, leaves the remaining pairs
     inconsistent with each other and can blow up; restarting cannot.)
     """
-    check_setting("memory", memory)
+    check_setting(memory=memory)
     tr = _Tracker("broyden", f, z0, tol, max_iter, stop, callback)
     z = tr.z0
     memory = min(memory, max_iter)
@@ -418,9 +394,8 @@ STOPPING = ("tol", "max_iter", "stop", "callback")      # a spec's own fields, n
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """One solve's settings, validated once when made (a typo, or a value out of range, NaN or
-    inf, fails at construction, not in the middle of training) and frozen: change one with
-    ``dataclasses.replace(spec, tol=1e-6)``.
+    """One solve's settings, validated once when made (a typo or a NaN fails at construction,
+    not in training) and frozen: change one with ``dataclasses.replace(spec, tol=1e-6)``.
 
         spec = SolverSpec("anderson", tol=1e-4, max_iter=50, options={"m": 6})
         z_star, stats = spec(f, z0)

@@ -25,9 +25,13 @@ ON_FAIL = ("warn", "raise", "ignore")
 
 
 def residuals(fz: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample ``(‖f(z) − z‖, ‖f(z) − z‖ / (‖f(z)‖ + eps))`` for states of shape (batch, ...)."""
-    r_abs = (fz - z).flatten(1).norm(dim=1)
-    return r_abs, r_abs / (fz.flatten(1).norm(dim=1) + EPS)
+    """Per sample ``(‖f(z) − z‖, ‖f(z) − z‖ / (‖f(z)‖ + eps))`` for states of shape (batch, ...),
+    in float32 at least: a float16 norm overflows to inf past 65504 (a scaled gradient's does).
+    If ‖f(z)‖ itself overflows, the relative residual is NaN, not a false 0."""
+    dtype = torch.promote_types(fz.dtype, torch.float32)
+    r_abs = torch.linalg.vector_norm((fz - z).flatten(1), dim=1, dtype=dtype)
+    size = torch.linalg.vector_norm(fz.flatten(1), dim=1, dtype=dtype)
+    return r_abs, torch.where(torch.isinf(size), float("nan"), r_abs / (size + EPS))
 
 
 @dataclass
@@ -72,14 +76,16 @@ class SolverStats:
             self.dtype = self.abs_residuals.dtype
 
     @classmethod
-    def from_traces(cls, solver: str, abs_res: list, rel_res: list, start: float) -> "SolverStats":
+    def from_traces(cls, solver: str, abs_res: list, rel_res: list, start: float,
+                    dtype: Optional[torch.dtype] = None) -> "SolverStats":
         """The record of a fixed number of steps (``tol = 0``: nothing was asked to converge),
-        from one ``(batch,)`` residual per step and the ``time.perf_counter()`` of the start."""
+        from one ``(batch,)`` residual per step, the ``time.perf_counter()`` of the start and
+        the dtype of the state (default: the residuals')."""
         abs_res, rel_res = torch.stack(abs_res), torch.stack(rel_res)
         return cls(solver=solver, nfe=len(abs_res), abs_residuals=abs_res, rel_residuals=rel_res,
                    converged=torch.zeros_like(abs_res[-1], dtype=torch.bool),
                    final_abs=abs_res[-1], final_rel=rel_res[-1], tol=0.0, stop="abs",
-                   wall_time=time.perf_counter() - start)
+                   wall_time=time.perf_counter() - start, dtype=dtype)
 
     @property
     def residuals(self) -> torch.Tensor:

@@ -317,3 +317,13 @@ def test_under_autocast_f_may_return_another_dtype_and_the_stats_record_the_lowe
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         z, stats = solve(lambda z: torch.tanh(lin(z)), torch.zeros(2, 8), tol=1e-2)
     assert stats.dtype == torch.bfloat16 and stats.all_converged
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float16_states_with_large_values_do_not_overflow_residuals_or_anderson(name):
+    """‖·‖ and Anderson's g·g of a float16 state of entries ~4000 exceed 65504: both are taken in
+    float32, so the solve converges instead of calling every sample lost to inf."""
+    b = torch.full((2, 64), 2000.0, dtype=torch.float16)
+    z, stats = solve(lambda z: 0.5 * z + b, torch.zeros_like(b), solver=name, tol=1e-3)
+    assert stats.all_converged and stats.num_nonfinite == 0 and stats.dtype == torch.float16
+    assert torch.allclose(z.float(), torch.full((2, 64), 4000.0), rtol=2e-3)
