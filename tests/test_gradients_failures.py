@@ -188,3 +188,18 @@ def test_an_adjoint_that_overflows_midway_is_nan_not_its_last_finite_partial_sum
     with pytest.warns(DEQNonFiniteWarning):
         (g,) = torch.autograd.grad((z * 5e18).sum(), b)
     assert torch.isnan(g).all() and rule.stats.nonfinite.all() and rule.stats.nfe > 2
+
+
+@pytest.mark.parametrize("rule, options, error, match", [
+    ("phantom", {"tau": float("nan")}, ValueError, r"backward_options\['tau'\] of 'phantom'.*nan"),
+    ("phantom", {"tau": float("inf")}, ValueError, r"backward_options\['tau'\] of 'phantom' must "
+                                                   r"lie in \(0, 1\], got inf"),
+    ("phantom", {"k": True}, TypeError, r"backward_options\['k'\].*integer, got True"),
+    ("neumann", {"k": float("inf")}, TypeError, r"backward_options\['k'\].*integer, got inf"),
+    ("ift", None, ValueError, r"lam must lie in \[0, inf\).*got nan"),
+])
+def test_the_rules_options_and_the_adjoint_solvers_reject_nan_inf_and_bools(rule, options, error,
+                                                                             match):
+    extra = dict(backward_solver_options={"lam": float("nan")}) if rule == "ift" else {}
+    with pytest.raises(error, match=match):
+        DEQ(MLPCell(3, 5), backward=rule, backward_options=options, **extra)
