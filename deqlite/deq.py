@@ -149,8 +149,9 @@ def check_start(z0: State, expected: State) -> None:
 def _check_input(x: Any) -> None:
     """x is a floating-point batch of finite values; for NaN/inf the message says where they can
     come from besides the data: the layers before the DEQ."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1 \
-            and not bool(torch.isfinite(x).all()):
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1):
+        check_tensor(x, "x")                        # its error: the type, dtype or shape
+    elif not bool(torch.isfinite(x).all()):
         bad = ~torch.isfinite(x).reshape(len(x), -1)
         samples = bad.any(1).nonzero().flatten().tolist()
         raise ValueError(f"x, the DEQ's input, contains {int(bad.sum())} NaN/inf value(s) (in "
@@ -158,7 +159,6 @@ def _check_input(x: Any) -> None:
                          f"); clean or normalize the data. If x comes out of layers before the DEQ, "
                          f"check their parameters too (a diverged training step or a corrupt "
                          f"checkpoint leaves NaN/inf there).")
-    check_tensor(x, "x")
 
 
 def check_parameters(cell: nn.Module, symptom: str) -> None:

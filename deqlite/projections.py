@@ -7,7 +7,9 @@ takes that step on its input (Gurumurthy et al., NeurIPS 2021).
 
 A set is checked when it is made (bounds that are NaN, crossed or of shapes that do not broadcast;
 a radius that is not positive and finite) and against each x it projects (its shape), so that a
-bad set fails with a message, not with NaN iterates or a silently broadcast result.
+bad set fails with a message, not with NaN iterates or a silently broadcast result. JIIO wraps
+any projection (these or the user's own callable) in ``CheckedProjection``, which names one that
+returns another shape or NaN/inf for a finite x.
 """
 from __future__ import annotations
 
