@@ -157,3 +157,20 @@ def test_variational_masks_are_shared_along_the_given_dimensions():
     assert set(sequences.unique().tolist()) <= {0.0, 1 / 0.75}
     many = variational_mask(torch.empty(4000, 1, 1), 0.3, ())
     assert abs(many.mean().item() - 1) < 0.05                  # E[m] = 1
+
+
+@pytest.mark.parametrize("make,x", [
+    (lambda: MLPCell(3, 4), torch.randn(0, 3)),
+    (lambda: ConvCell(2, 4, groups=2, expansion=1, dropout=0.1), torch.randn(0, 2, 5, 5)),
+    (lambda: MultiscaleCell(2, [4, 4], groups=2, expansion=1, dropout=0.1), torch.randn(0, 2, 6, 6)),
+    (lambda: TransformerCell(8, 2, 16, dropout=0.1), torch.randn(0, 3, 8)),
+], ids=["mlp", "conv", "multiscale", "transformer"])
+def test_every_cell_takes_an_empty_batch_through_a_deq(make, x):
+    cell = make()                                             # training mode: dropout masks too
+    deq = DEQ(cell, max_iter=3)
+    with deq.options(jac_probes=1):
+        z = deq(x.requires_grad_())
+    states = z if isinstance(z, list) else [z]
+    assert all(len(t) == 0 for t in states) and deq.jac_loss.item() == 0
+    (sum(t.sum() for t in states) + deq.jac_loss).backward()
+    assert all(p.grad is None or bool((p.grad == 0).all()) for p in cell.parameters())
