@@ -278,8 +278,8 @@ class AndersonMixer:
         H = self.gram[:, :n, :n]
         eye = torch.eye(n, dtype=H.dtype, device=H.device)
         scale = H.diagonal(dim1=1, dim2=2).mean(-1) + torch.finfo(torch.float32).tiny
-        y = torch.linalg.solve(H + (self.lam * scale)[:, None, None] * eye,
-                               torch.ones_like(H[..., 0]))                   # H y = 1
+        H = torch.where(frozen[..., None], eye, H + (self.lam * scale)[:, None, None] * eye)
+        y = torch.linalg.solve(H, torch.ones_like(H[..., 0]))    # H y = 1 (frozen: any regular H)
         # (contiguous: solve returns column-major strides, which make the product below ~10× slower)
         alpha = (y / y.sum(-1, keepdim=True)).to(x.dtype).contiguous()[:, None, :]   # (batch, 1, n)
         F = self.F[:, :n]

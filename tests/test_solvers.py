@@ -327,3 +327,12 @@ def test_float16_states_with_large_values_do_not_overflow_residuals_or_anderson(
     z, stats = solve(lambda z: 0.5 * z + b, torch.zeros_like(b), solver=name, tol=1e-3)
     assert stats.all_converged and stats.num_nonfinite == 0 and stats.dtype == torch.float16
     assert torch.allclose(z.float(), torch.full((2, 64), 4000.0), rtol=2e-3)
+
+
+def test_anderson_without_regularization_freezes_a_sample_at_its_fixed_point():
+    """lam=0 is valid: a frozen sample's Gram row is 0 (singular H); its system is not solved."""
+    W, b, z_exact = linear_problem(d=6, batch=3, norm=0.5)
+    b[0] = 0                                     # z0 = 0 is sample 0's fixed point
+    z, stats = anderson(lambda z: z @ W.T + b, torch.zeros_like(b), lam=0.0, m=3, tol=1e-10,
+                        max_iter=50)
+    assert stats.all_converged and torch.allclose(z[1:], z_exact[1:], atol=1e-9)
