@@ -331,11 +331,9 @@ def test_a_box_projects_or_says_what_is_wrong_with_it(case):
 
 # --- bugs the properties found, in modules these tests do not own --------------------------------
 
-@pytest.mark.xfail(strict=True, reason="solvers.AndersonMixer: lam=0 is a valid setting "
-                   "(SETTINGS['lam'] is [0, inf)) but the Gram system H y = 1 is singular once a "
-                   "sample's residual is exactly 0 (a converged, frozen sample has g = 0), and "
-                   "torch.linalg.solve raises _LinAlgError instead of a result or a clear error")
 def test_anderson_lam_0_on_a_sample_already_at_its_fixed_point():
+    """Found here: lam = 0 is valid, but a frozen sample's zero Gram row made torch.linalg.solve
+    raise _LinAlgError (fixed in solvers.AndersonMixer)."""
     W = contraction(4, 0.5, torch.float64, torch.Generator().manual_seed(0))
     u = torch.randn(3, 4, dtype=torch.float64)
     u[0] = 0                                  # z0 = 0 is sample 0's fixed point
@@ -343,6 +341,17 @@ def test_anderson_lam_0_on_a_sample_already_at_its_fixed_point():
                                    torch.zeros(3, 4, dtype=torch.float64), lam=0.0, m=3,
                                    tol=1e-10, max_iter=30)
     assert stats.all_converged
+
+
+@pytest.mark.xfail(strict=True, reason="solvers.AndersonMixer: lam=0 is a valid setting "
+                   "(SETTINGS['lam'] is [0, inf)), but with more history than state dimensions "
+                   "(n > D) the Gram matrix G Gᵀ has rank ≤ D < n: singular, and torch.linalg.solve "
+                   "raises _LinAlgError (the frozen-sample fix does not cover it)")
+def test_anderson_lam_0_with_a_history_longer_than_the_state():
+    z, stats = SOLVERS["anderson"](lambda z: torch.tanh(0.5 * z + 1),
+                                   torch.zeros(1, 1, dtype=torch.float64), lam=0.0, m=2, tol=0.0,
+                                   max_iter=5)
+    assert stats.nfe == 5 and bool(torch.isfinite(z).all())
 
 
 @pytest.mark.xfail(strict=True, reason="gradients.Unrolled: the solvers return, per sample, the "
