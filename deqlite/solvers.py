@@ -261,7 +261,7 @@ class AndersonMixer:
     def __init__(self, batch: int, dim: int, *, m: int, beta: float, lam: float, like: torch.Tensor):
         check_setting(m=m, beta=beta, lam=lam)
         self.m, self.beta, self.lam, self.k = m, beta, lam, 0
-        self.acc = torch.promote_types(like.dtype, torch.float32)  # float16's g·g overflows at 65504
+        self.acc = torch.promote_types(like.dtype, torch.float32)  # float16 g·g overflows: 65504
         self.X, self.F, self.G = (like.new_zeros(batch, m, dim) for _ in range(3))
         self.gram = torch.zeros(batch, m, m, dtype=torch.float64, device=like.device)
 
@@ -277,8 +277,8 @@ class AndersonMixer:
         self.gram = _write(self.gram, (every, slice(0, n), slot), row)
         H = self.gram[:, :n, :n]
         eye = torch.eye(n, dtype=H.dtype, device=H.device)
-        scale = H.diagonal(dim1=1, dim2=2).mean(-1) + torch.finfo(torch.float32).tiny
-        H = torch.where(frozen[..., None], eye, H + (self.lam * scale)[:, None, None] * eye)
+        reg = H.diagonal(dim1=1, dim2=2).mean(-1) * max(self.lam, torch.finfo(H.dtype).eps)  # λs
+        H = torch.where(frozen[..., None], eye, H + reg[:, None, None] * eye)  # s > 0 if not frozen
         y = torch.linalg.solve(H, torch.ones_like(H[..., 0]))    # H y = 1 (frozen: any regular H)
         # (contiguous: solve returns column-major strides, which make the product below ~10× slower)
         alpha = (y / y.sum(-1, keepdim=True)).to(x.dtype).contiguous()[:, None, :]   # (batch, 1, n)
@@ -309,7 +309,8 @@ def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
 
     The history (``AndersonMixer``) is a ring of m slots; each step overwrites the oldest and adds
     one row and column to the Gram matrix G Gᵀ (O(m·D) work, not O(m²·D)). The small n×n systems
-    are solved in float64.
+    are solved in float64, with λ at least float64's eps (λ = 0 would leave H singular when the
+    residuals are dependent, e.g. a history longer than the state).
     """
     tr = _Tracker("anderson", f, z0, tol, max_iter, stop, callback)
     x = tr.z0

@@ -336,3 +336,11 @@ def test_anderson_without_regularization_freezes_a_sample_at_its_fixed_point():
     z, stats = anderson(lambda z: z @ W.T + b, torch.zeros_like(b), lam=0.0, m=3, tol=1e-10,
                         max_iter=50)
     assert stats.all_converged and torch.allclose(z[1:], z_exact[1:], atol=1e-9)
+
+
+def test_anderson_without_regularization_with_more_history_than_state_dimensions():
+    """m > D: the Gram matrix G Gᵀ (n × n, rank ≤ D) is singular; λ's float64-eps floor keeps it
+    solvable, so lam=0 still converges rather than raising torch's _LinAlgError."""
+    z, stats = anderson(lambda z: torch.tanh(0.5 * z + 1), torch.zeros(2, 1, dtype=DT), lam=0.0,
+                        m=4, tol=1e-12, max_iter=40)
+    assert stats.all_converged and torch.allclose(torch.tanh(0.5 * z + 1), z, atol=1e-11)
