@@ -11,14 +11,15 @@ guided tour.
 from .cells import MLPCell, spectral_rescale_
 from .deq import DEQ
 from .diagnostics import diagnose
-from .gradients import BACKWARDS
+from .gradients import BACKWARDS, DoubleBackwardError
 from .solvers import SOLVERS, SolverSpec, anderson, broyden, forward_iteration, get_solver, solve
-from .stats import DEQConvergenceError, DEQConvergenceWarning, SolverStats
+from .stats import (DEQConvergenceError, DEQConvergenceWarning, DEQNonFiniteError,
+                    DEQNonFiniteWarning, SolverStats)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MLPCell", "spectral_rescale_", "DEQ", "DEQConvergenceError", "DEQConvergenceWarning", "diagnose",
-    "BACKWARDS", "SOLVERS", "SolverSpec", "anderson", "broyden", "forward_iteration", "get_solver",
+    "MLPCell", "spectral_rescale_", "DEQ", "DEQConvergenceError", "DEQConvergenceWarning",
+    "DEQNonFiniteError", "DEQNonFiniteWarning", "DoubleBackwardError", "diagnose", "BACKWARDS", "SOLVERS", "SolverSpec", "anderson", "broyden", "forward_iteration", "get_solver",
     "solve", "SolverStats",
 ]

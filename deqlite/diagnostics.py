@@ -85,6 +85,9 @@ def _status_and_advice(stats: SolverStats, rho: torch.Tensor, max_iter: int) -> 
         status = f"converged in {stats.nfe} NFE"
         if stats.nfe > 0.5 * max_iter:
             status += f" (more than half of max_iter = {max_iter})"
+    elif bool(stats.precision_limited.any()):
+        status = (f"at the precision floor: tol {stats.tol:g} is below what {stats.dtype} can "
+                  f"resolve (the residual stopped near it)")
     elif bool(stats.diverged.any()):
         status = "stagnating: the residual stopped decreasing above tol"
     else:
@@ -102,6 +105,8 @@ def _status_and_advice(stats: SolverStats, rho: torch.Tensor, max_iter: int) -> 
     elif rho_max > 0.9:
         advice.append(f"ρ(J) = {rho_max:.2f} is close to 1: expect slow convergence. Jacobian "
                       "regularization (TrainConfig.jac_reg_weight) keeps it lower during training.")
+    if status.startswith("at the precision floor"):
+        advice.append(stats.precision_advice(stats.precision_limited).strip())
     if status.startswith("slow"):
         advice.append("raise max_iter, loosen tol, or switch to a faster solver (anderson, broyden).")
     elif status.startswith(("stagnating", "diverging")) and rho_max < 1:
@@ -127,7 +132,8 @@ def diagnose(model: nn.Module, inputs: torch.Tensor, *, n_iter: int = 40,
     stats = deq.forward_stats
     if z[0].numel() <= EXACT_LIMIT:              # small state: the exact Jacobian
         J = exact_jacobian(f, z)
-        eig, exact = torch.linalg.eigvals(J), True
+        low = J.dtype in (torch.float16, torch.bfloat16)     # eigvals needs float32 or wider
+        eig, exact = torch.linalg.eigvals(J.float() if low else J), True
         fro = J.square().sum((1, 2)) / J.shape[-1]
     else:                                        # large: Arnoldi and Hutchinson estimates
         eig, exact = ritz_values(f, z, n_iter=n_iter, generator=generator), False

@@ -168,7 +168,7 @@ class SolverStats:
                          "float32), or an iteration that blows up (damping, a smaller weight "
                          "scale, Jacobian regularization).")
         if bool(limited.any()):
-            lines.append(self._precision_advice(limited))
+            lines.append(self.precision_advice(limited))
         stalled = self.diverged & ~lost & ~limited
         if bool(stalled.any()):
             lines.append("  the iteration is not contracting: try damping (forward_iteration's "
@@ -179,7 +179,7 @@ class SolverStats:
                          "or use a faster solver (anderson, broyden).")
         return "\n".join(lines)
 
-    def _precision_advice(self, limited: torch.Tensor) -> str:
+    def precision_advice(self, limited: torch.Tensor) -> str:
         """The line for samples stuck at ``dtype``'s precision floor: a tol it can reach."""
         floor = self.precision_floor[limited].max().item()
         reachable = max(floor, self.final[limited].max().item())

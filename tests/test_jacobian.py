@@ -323,3 +323,16 @@ def test_diagnose_says_repels_only_of_an_equilibrium_it_found():
     assert report.stats.all_converged
     assert torch.allclose(report.spectral_radius, torch.full((2,), 1.5, dtype=DT))
     assert "z* repels forward iteration" in str(report)
+
+
+@pytest.mark.parametrize("width", [32, 300], ids=["exact Jacobian", "Arnoldi"])
+def test_diagnose_a_bfloat16_solve_at_its_precision_floor(width):
+    """bf16 cannot resolve a relative residual of 1e-6: diagnose says so and names a reachable
+    tol (not damping), and its eigenvalues are computed in float32 (eigvals has no bf16)."""
+    torch.manual_seed(0)
+    cell = MLPCell(16, width, weight_scale=0.7).to(torch.bfloat16)
+    deq = DEQ(cell, solver="anderson", tol=1e-6, max_iter=30, on_fail="ignore")
+    d = diagnose(deq, torch.randn(4, 16, dtype=torch.bfloat16))
+    assert d.status.startswith("at the precision floor") and "bfloat16" in d.status
+    assert any("Raise tol to about" in a and "damping would not help" in a for a in d.advice)
+    assert torch.isfinite(d.spectral_radius).all() and (d.spectral_radius < 1).all()
