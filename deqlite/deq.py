@@ -151,8 +151,8 @@ def _check_input(x: Any) -> None:
     come from besides the data: the layers before the DEQ."""
     if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1):
         check_tensor(x, "x")                        # its error: the type, dtype or shape
-    elif not bool(torch.isfinite(x).all()):
-        bad = ~torch.isfinite(x).reshape(len(x), -1)
+    elif not bool(torch.isfinite(x.detach()).all()):    # (detached: isfinite saves for backward)
+        bad = ~torch.isfinite(x.detach()).reshape(len(x), -1)
         samples = bad.any(1).nonzero().flatten().tolist()
         raise ValueError(f"x, the DEQ's input, contains {int(bad.sum())} NaN/inf value(s) (in "
                          f"sample(s) {', '.join(map(str, samples[:8]))}{' ...' * (len(samples) > 8)}"
@@ -164,9 +164,9 @@ def _check_input(x: Any) -> None:
 def check_parameters(cell: nn.Module, symptom: str) -> None:
     """Raise a ValueError naming the parameters and buffers of ``cell`` that hold NaN/inf values
     as the cause of ``symptom``, if any do (a pass over them all: for the way to an error)."""
-    bad = [(name, int((~torch.isfinite(t)).sum()), t.numel()) for name, t in
+    bad = [(name, int((~torch.isfinite(t.detach())).sum()), t.numel()) for name, t in
            itertools.chain(cell.named_parameters(), cell.named_buffers())
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+           if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
     if not bad:
         return
     names = ", ".join(f"{name} ({count} of {size} values)" for name, count, size in bad[:4])
@@ -181,7 +181,7 @@ def check_injection(cell: nn.Module, x: torch.Tensor, injection: Any) -> None:
     parameters are named, or else the overflow is reported (not under autocast: a float16
     overflow there is the gradient scaler's business)."""
     parts = injection if isinstance(injection, (list, tuple)) else [injection]
-    tensors = [t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    tensors = [t.detach() for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
         return
     check_parameters(cell, "x is finite but the cell's inject(x) is not")
