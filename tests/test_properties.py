@@ -40,11 +40,11 @@ STOPPING = {
     "max_iter": (st.integers(1, 30), [0, -2, 2.5, *NOT_NUMBERS]),
     "stop": (st.sampled_from(["rel", "abs"]), ["relative", "", None, 1]),
 }
-OPTIONS = {   # lam = 0 is left out of the valid values: test_anderson_lam_0_* below
+OPTIONS = {
     "forward_iteration": {"damping": (st.floats(0.05, 1.0), [0.0, 1.5, -0.5, *NOT_NUMBERS])},
     "anderson": {"m": (st.integers(1, 6), [0, -1, 2.5, *NOT_NUMBERS]),
                  "beta": (st.floats(0.05, 1.0), [0.0, 1.5, *NOT_NUMBERS]),
-                 "lam": (st.floats(1e-8, 1.0), [-1e-3, *NOT_NUMBERS])},
+                 "lam": (st.one_of(st.just(0.0), st.floats(1e-8, 1.0)), [-1e-3, *NOT_NUMBERS])},
     "broyden": {"memory": (st.integers(1, 12), [0, -3, 4.5, *NOT_NUMBERS])},
 }
 
@@ -343,11 +343,9 @@ def test_anderson_lam_0_on_a_sample_already_at_its_fixed_point():
     assert stats.all_converged
 
 
-@pytest.mark.xfail(strict=True, reason="solvers.AndersonMixer: lam=0 is a valid setting "
-                   "(SETTINGS['lam'] is [0, inf)), but with more history than state dimensions "
-                   "(n > D) the Gram matrix G Gᵀ has rank ≤ D < n: singular, and torch.linalg.solve "
-                   "raises _LinAlgError (the frozen-sample fix does not cover it)")
 def test_anderson_lam_0_with_a_history_longer_than_the_state():
+    """Found here: with more history than state dimensions (n > D) the Gram matrix G Gᵀ has rank
+    ≤ D < n, and lam = 0 left it singular (torch's _LinAlgError; fixed in solvers.AndersonMixer)."""
     z, stats = SOLVERS["anderson"](lambda z: torch.tanh(0.5 * z + 1),
                                    torch.zeros(1, 1, dtype=torch.float64), lam=0.0, m=2, tol=0.0,
                                    max_iter=5)
