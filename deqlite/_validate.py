@@ -82,8 +82,8 @@ def check_tensor(t: Any, name: str, *, min_dim: int = 1) -> None:
     if t.dim() < min_dim:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; it needs a leading batch dimension "
                          f"(shape (batch, ...)). For a single sample use {name}.unsqueeze(0).")
-    if not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t)).sum().item()
+    if not torch.isfinite(t.detach()).all():       # detached: no throwaway graph through t
+        bad = (~torch.isfinite(t.detach())).sum().item()
         raise ValueError(f"{name} contains {bad} NaN/inf value(s); clean or normalize the input "
                          f"before the equilibrium solve.")
 

@@ -29,7 +29,8 @@ when the spectral radius ρ(J) is well below 1 and degrade as it approaches 1 (n
   k = 1, τ = 1 is JFB; τ = 1 is the Neumann series (with J taken along the k steps).
 
 ``Unrolled``: the forward solver itself runs with autograd recording every iteration, and
-backpropagation goes through all of them (memory grows with the iterations): the reference.
+backpropagation goes through all of them and the final z = f(z*, x) (memory grows with the
+iterations): the reference.
 
 What each rule leaves in ``rule.stats`` (``DEQ.backward_stats``), a ``SolverStats``:
 
@@ -277,7 +278,11 @@ class Phantom(GradientRule):
 
 
 class Unrolled(GradientRule):
-    """Backpropagate through every iteration of the forward solver (memory grows with them)."""
+    """Backpropagate through every iteration of the forward solver (memory grows with them), and
+    through one last application z = f(z*, x), as the other rules return. That last step matters
+    for a sample whose best iterate is its start z0 (a warm start at its fixed point, max_iter=1):
+    without it the sample's output would not depend on x or θ, and its gradient would be a silent
+    zero; with it, that sample gets the gradient of the one step it took (JFB's)."""
     name = "unrolled"
 
     def __init__(self):
@@ -287,7 +292,7 @@ class Unrolled(GradientRule):
         return solver(f, z0)                          # autograd records the iterations
 
     def attach(self, z_star: torch.Tensor, f: FlatMap) -> torch.Tensor:
-        return z_star
+        return f(z_star)
 
 
 BACKWARDS = {"ift": IFT, "jfb": JFB, "phantom": Phantom, "neumann": Neumann, "unrolled": Unrolled}

@@ -28,6 +28,8 @@ J up to conjugation, and Jᵀv is a vector–Jacobian product.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Optional
 
 import torch
@@ -95,7 +97,7 @@ def hutchinson_frobenius(f_z: torch.Tensor, z: torch.Tensor, *, n_probes: int = 
         vJ = torch.autograd.grad(f_z, z, v, create_graph=create_graph, retain_graph=True)[0]
         total = total + vJ.flatten(1).square().sum(1)
     estimate = total / len(probes)
-    return estimate / z[0].numel() if per_element else estimate
+    return estimate / math.prod(z.shape[1:]) if per_element else estimate
 
 
 def exact_jacobian(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,7 @@ def exact_jacobian(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -
     norm), as DEQ cells do.
     """
     z_in, f_z = _state_with_graph(f, z)
-    batch, d = z.shape[0], z[0].numel()
+    batch, d = z.shape[0], math.prod(z.shape[1:])
     eye = torch.eye(d, dtype=f_z.dtype, device=f_z.device)
     basis = eye[:, None, :].expand(d, batch, d).reshape(d, *f_z.shape)
     rows = torch.autograd.grad(f_z, z_in, basis, is_grads_batched=True)[0]   # (d, batch, ...)
@@ -164,7 +166,7 @@ def ritz_values(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, *, n
     steps the ones of largest modulus are found first."""
     check_range(n_iter, "n_iter", low=1, integer=True)
     z_in, f_z = _state_with_graph(f, z)
-    batch, d = z.shape[0], z[0].numel()
+    batch, d = z.shape[0], math.prod(z.shape[1:])
 
     def vjp(q):                                        # q ↦ Jᵀ q, for every sample at once
         return torch.autograd.grad(f_z, z_in, q.reshape(z.shape), retain_graph=True)[0].reshape(batch, d)

@@ -45,7 +45,7 @@ def test_unrolled_second_derivatives_pass_gradgradcheck_and_match_a_long_unroll(
     deq = DEQ(cell, solver="forward_iteration", tol=0, max_iter=20, backward="unrolled")
     assert torch.autograd.gradgradcheck(lambda x: deq(x), (x,))
 
-    def unroll(x, steps=19):   # the same steps by hand: 20 evaluations of f, the last at z_19
+    def unroll(x, steps=20):   # by hand: the solver's z_19 (20 evaluations), then z = f(z_19)
         u = cell.inject(x)
         z = torch.zeros_like(u)
         for _ in range(steps):
