@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 import torch
 
+from ._validate import did_you_mean
+
 
 def data_root(root: Optional[str | os.PathLike] = None) -> Path:
     """The data folder: `root` if given, else ``$DEQLITE_DATA``, else ``data/`` beside the package
@@ -49,9 +51,27 @@ def atomic_write(data: bytes, path: str | os.PathLike) -> None:
             os.unlink(tmp)
 
 
+def serialize(obj: Any) -> bytes:
+    """The bytes ``torch.save(obj, ...)`` would write."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)``, written with ``atomic_write`` (serialized in memory first, so a
     full disk fails cleanly and the previous file survives)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(buffer.getvalue(), path)
+    atomic_write(serialize(obj), path)
+
+
+def missing_file(path: str | os.PathLike, what: str, pattern: str) -> FileNotFoundError:
+    """"no `what` at `path`", with what the folder holds of `pattern` (and a did-you-mean), or
+    that the folder itself does not exist."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        return FileNotFoundError(f"no {what} at {path}; the folder {folder} does not exist.")
+    others = sorted(p.name for p in folder.glob(pattern))
+    where = f"holds {', '.join(others)}" if others else f"holds no {pattern} file"
+    return FileNotFoundError(f"no {what} at {path}; {folder} {where}."
+                             f"{did_you_mean(path.name, others)}")

@@ -33,8 +33,7 @@ from typing import Optional
 
 import torch
 
-from .._files import atomic_write
-from .._validate import did_you_mean
+from .._files import atomic_write, missing_file, serialize
 
 FORMAT, VERSION = "deqlite-checkpoint", 1
 STATE_KEYS = ("config", "step", "model", "optimizer", "scheduler")
@@ -44,27 +43,12 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be resumed from; the message names the file and the fault."""
 
 
-def _serialize(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Write `state` (a dict with at least ``STATE_KEYS``) as a checkpoint at `path`, atomically."""
-    payload = _serialize(state)
+    payload = serialize(state)
     envelope = dict(format=FORMAT, version=VERSION, size=len(payload),
                     sha256=hashlib.sha256(payload).hexdigest(), payload=payload)
-    atomic_write(_serialize(envelope), path)
-
-
-def _missing(path: Path) -> FileNotFoundError:
-    folder = path.parent if str(path.parent) else Path(".")
-    others = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
-    hint = did_you_mean(path.name, others) if others else ""
-    where = f"; {folder} holds {', '.join(others)}" if others else \
-        ("" if folder.is_dir() else f"; the folder {folder} does not exist")
-    return FileNotFoundError(f"no checkpoint at {path}{where}.{hint}")
+    atomic_write(serialize(envelope), path)
 
 
 def _load_file(path: Path):
@@ -122,7 +106,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     truncated, corrupt, foreign or newer file, or one whose weights are not finite."""
     path = Path(path)
     if not path.is_file():
-        raise _missing(path)
+        raise missing_file(path, "checkpoint", "*.pt")
     state = _unwrap(path, _load_file(path))
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:

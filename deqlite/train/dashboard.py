@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Optional
 from matplotlib.figure import Figure
 
 from ..plots import LiveFigure
-from .._validate import did_you_mean
+from .._files import missing_file
 from .log import LogLines, LogWarning, read_lines, skipped_message
 
 
@@ -151,14 +151,6 @@ class RunComparison(LiveFigure):
         return log
 
 
-def _missing_log(log_path: Path) -> FileNotFoundError:
-    others = sorted(p.name for p in log_path.parent.glob("*.jsonl")) if log_path.parent.is_dir() else []
-    where = f"{log_path.parent} holds {', '.join(others)}" if others else \
-        (f"{log_path.parent} holds no log" if log_path.parent.is_dir()
-         else f"the folder {log_path.parent} does not exist")
-    return FileNotFoundError(f"no run log at {log_path}: {where}.{did_you_mean(log_path.name, others)}")
-
-
 def follow(log_path, *, poll: float = 2.0, timeout: Optional[float] = None,
            dashboard: Optional[TrainingDashboard] = None, process=None,
            start_timeout: float = 120.0) -> TrainingDashboard:
@@ -175,7 +167,7 @@ def follow(log_path, *, poll: float = 2.0, timeout: Optional[float] = None,
     """
     log_path = Path(log_path)
     if not log_path.parent.is_dir():
-        raise _missing_log(log_path)
+        raise missing_file(log_path, "run log", "*.jsonl")
     dashboard = dashboard or TrainingDashboard(title=f"following {log_path}")
     start = time.perf_counter()
     seen = getattr(dashboard, "records_followed", 0)
@@ -185,7 +177,7 @@ def follow(log_path, *, poll: float = 2.0, timeout: Optional[float] = None,
             exited = process is not None and process.poll() is not None   # before the last read
             if not log_path.exists():
                 if exited or (process is None and time.perf_counter() - start >= start_timeout):
-                    raise _missing_log(log_path)
+                    raise missing_file(log_path, "run log", "*.jsonl")
                 lines = LogLines()
             else:
                 lines = read_lines(log_path)
