@@ -253,7 +253,7 @@ JIIO_SOLVERS = ("damped", "anderson")
 
 
 @strict_options
-def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float,
+def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float = 0.1,
          solver: str = "anderson", projection: Optional[Callable] = None,
          encode: Optional[Callable] = None, tol: float = 1e-4, grad_tol: float = 1e-4,
          max_iter: int = 200, z_damping: float = 1.0, adjoint_damping: float = 1.0,
@@ -263,13 +263,13 @@ def jiio(deq: nn.Module, x0: torch.Tensor, loss: Loss, *, step_size: float,
     cell (not its solver settings) at input ``encode(x)`` (default: x), by one fixed point over
     (z, μ, x) from (z0 or the cell's ``init_state``, 0, Π(x0)) (see the module docstring).
 
-    ``step_size`` α: the step on x. ``solver``: ``"anderson"`` (joint Anderson with history ``m``,
-    mixing ``beta``, regularizer ``lam``, as ``solvers.anderson``) or ``"damped"`` (a =
-    ``z_damping``, b = ``adjoint_damping``). ``projection``: Π_C, e.g. ``Box(0, 1)`` or
-    ``L2Ball(eps, center=x_clean)``; None: unconstrained. ``tol`` bounds the relative primal and
-    adjoint residuals, ``grad_tol`` the gradient mapping's norm ‖x − Π(x − α∇_xL)‖/α (in units of
-    ∇_xℓ); a sample is converged, and frozen, when all three are within. ``max_iter``: iterations,
-    each one f evaluation + one VJP. ``safeguard`` (Anderson): a sample whose merit (its largest
+    ``step_size`` α: the step on x (too large, and z, μ cannot follow x). ``solver``: ``"anderson"``
+    (joint Anderson, history ``m``, mixing ``beta``, regularizer ``lam``, as ``solvers.anderson``)
+    or ``"damped"`` (a = ``z_damping``, b = ``adjoint_damping``). ``projection``: Π_C, e.g. ``Box(0, 1)``
+    or ``L2Ball(eps, center=x_clean)``; None: unconstrained. ``tol`` bounds the relative primal
+    and adjoint residuals, ``grad_tol`` the gradient mapping's norm ‖x − Π(x − α∇_xL)‖/α (in units
+    of ∇_xℓ); a sample is converged, and frozen, when all three are within. ``max_iter``:
+    iterations, each f + one VJP. ``safeguard`` (Anderson): a sample whose merit (its largest
     residual over its tolerance) rose above ``safeguard`` × the previous one takes the damped step
     instead (0: never; without it joint Anderson can stall on ill-conditioned problems,
     ``benchmarks/README.md``). ``record_every``: keep a snapshot of x every this many iterations.

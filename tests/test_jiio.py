@@ -61,6 +61,23 @@ def test_jiio_meets_the_kkt_conditions_and_the_lbfgs_optimum(solver, step):
     torch.testing.assert_close(result.x, x_ref, atol=1e-5, rtol=0)
 
 
+def test_the_default_step_is_0_1_and_reaches_the_lbfgs_optimum():
+    """jiio(deq, x0, loss) with no step size takes Anderson steps of α = 0.1 (the setting the
+    notebook and bench_jiio present as the default) and converges to the optimum."""
+    deq, loss, x0 = problem(seed=3)
+    default = jiio(deq, x0, loss, tol=1e-9, grad_tol=1e-9, max_iter=3000, record_every=1)
+    assert bool(default.stats.converged.all()), default.stats
+    for step, same in ((0.1, True), (0.05, False)):
+        other = jiio(deq, x0, loss, step_size=step, tol=1e-9, grad_tol=1e-9, max_iter=3000,
+                     record_every=1)
+        early = [torch.equal(a.x, b.x) for a, b in zip(default.stats.snapshots[:10],
+                                                       other.stats.snapshots[:10])]
+        assert all(early) == same and early[0]          # the same start, then the same steps
+    x_ref = nested(deq, x0, loss, lr=1.0, steps=60, optimizer="lbfgs").x
+    torch.testing.assert_close(objective_at(deq, default.x, loss), objective_at(deq, x_ref, loss),
+                               rtol=1e-9, atol=0)
+
+
 def test_the_returned_point_is_the_recorded_best_and_its_residuals_are_recorded():
     deq, loss, x0 = problem(seed=1)
     result = jiio(deq, x0, loss, step_size=0.1, tol=1e-6, grad_tol=1e-6, max_iter=40)
