@@ -127,11 +127,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 60; quick 8)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="fine-tuning steps (default 60; quick 8)")
     p.add_argument("--jiio-iters", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--test", type=int, default=None, help="test digits (default 256; quick 64)")
-    p.add_argument("--pgd-steps", type=int, default=None, help="strong PGD steps (default 50; quick 10)")
+    p.add_argument("--pgd-steps", type=int, default=None,
+                   help="strong PGD steps (default 50; quick 10)")
     args = p.parse_args(argv)
     args.steps = args.steps or (8 if args.quick else 60)
     args.test = args.test or (64 if args.quick else 256)
@@ -149,7 +151,8 @@ def main(argv=None) -> None:
           f"clean image and one random start, on {args.test} test digits; {args.steps} "
           f"fine-tuning steps of 64 digits, Adam lr {args.lr}")
     table(results)
-    print(f"\ncommand: .venv/bin/python benchmarks/bench_adversarial.py {' '.join(argv or sys.argv[1:])}")
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"\ncommand: .venv/bin/python benchmarks/bench_adversarial.py {command}")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ Adversarial training (Madry et al., ICLR 2018) fits the parameters θ to the wor
     min_θ  E_(x,y) [ φ(θ; x, y) ],     φ(θ; x, y) = max_{x' ∈ S(x)}  CE(h_θ(x'), y),
 
 with h_θ(x') = head(z*), z* = f_θ(z*, stem(x')). Why the inner maximizer gives the outer gradient
-(Danskin's theorem): for a maximizer x*, ∇_θ φ = ∇_θ CE(h_θ(x*), y) with x* held fixed (when x*
-is unique; otherwise that gradient is still a subgradient-like ascent direction of φ). The term
-through x*, (dx*/dθ)ᵀ ∇_x CE, vanishes at an optimum of the inner problem: a constrained form of
-the envelope argument ``deqlite.jiio.attach`` uses. So a training step is: find x' ≈ x*
+(Danskin's theorem, S compact, CE smooth in θ): for a maximizer x*, ∇_θ φ = ∇_θ CE(h_θ(x*), y)
+with x* held fixed, when x* is unique (with several, the gradient at any of them still gives a
+descent direction of φ: Madry et al., appendix A). The chain rule's other term,
+(dx*/dθ)ᵀ ∇_x CE, is 0 at a constrained maximum: ∇_x CE there points out of S, normal to its
+boundary, while x* moves along the boundary (or ∇_x CE = 0 inside): the constrained form of the
+envelope argument that ``deqlite.jiio.attach`` uses. So a training step is: find x' ≈ x*
 (detached), then an ordinary step on CE(h_θ(x'), y). The closer x' is to the maximizer, the
 closer the step is to the gradient of the robust loss; a weak attack trains against itself.
 
@@ -70,7 +72,8 @@ class AdversarialExamples:
 
 
 def check_classifier(model) -> None:
-    """A DEQ classifier as ``deqlite.models.DEQClassifier`` is: ``stem``, ``deq`` (with .cell), ``head``."""
+    """A DEQ classifier as ``deqlite.models.DEQClassifier`` is: ``stem``, ``deq`` (with .cell),
+    ``head``; else a TypeError."""
     missing = [name for name in ("stem", "deq", "head") if not hasattr(model, name)]
     if not isinstance(model, nn.Module) or missing or not hasattr(model.deq, "cell"):
         raise TypeError(f"expected a DEQ classifier with .stem, .deq and .head (e.g. "
@@ -194,7 +197,8 @@ def pgd_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
                steps: int, step_size: float, x0: Optional[torch.Tensor] = None,
                box: tuple = (0.0, 1.0)) -> AdversarialExamples:
     """PGD-k: ``steps`` steps x ← Π(x + a · g/‖g‖), g = ∇ₓ CE, each a forward and an adjoint
-    solve (the DEQ's own solvers); the last iterate. Evaluations: Σ (fwd NFE + 1) + Σ (bwd NFE + 1)."""
+    solve (the DEQ's own solvers); the last iterate. Evaluations: Σ (fwd NFE + 1) + Σ (bwd NFE
+    + 1)."""
     check_classifier(model)
     start = time.perf_counter()
     project = feasible_set(images, eps, box)
@@ -224,7 +228,8 @@ def robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     step_sizes = tuple(step_sizes) or (eps / 4, eps / 10)
     for a in step_sizes:
         check_range(a, "step size", low=0, low_open=True)
-    box, start, generator = _check_box(box), time.perf_counter(), torch.Generator().manual_seed(seed)
+    box, start = _check_box(box), time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
     was_training, evaluations, clean, robust = model.training, 0, 0, 0
     model.eval()
     try:
@@ -272,7 +277,8 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: to
     deq = model.deq
     fwd = deq.forward_stats.nfe if deq.forward_stats is not None else 0
     bwd = deq.backward_stats.nfe if deq.backward_stats is not None else 0
-    return dict(split="train", loss=loss.item(), acc=(logits.argmax(1) == labels).float().mean().item(),
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    return dict(split="train", loss=loss.item(), acc=acc,
                 clean_acc=clean_acc, attack_evals=adv.evaluations, train_evals=fwd + 1 + bwd + 1,
                 attack_seconds=adv.seconds, seconds=time.perf_counter() - start,
                 fwd_nfe=fwd, bwd_nfe=bwd)

@@ -67,9 +67,10 @@ def standard(digits):
     return {seed: train(digits, None, seed) for seed in (0, 1)}
 
 
-ATTACKS = {"pgd": Attack("pgd", EPS, 3), "pgd from a random start": Attack("pgd", EPS, 3, random_start=True),
-           "jiio": Attack("jiio", EPS, 8, 1.0), "jiio from a random start":
-               Attack("jiio", EPS, 8, 1.0, random_start=True)}
+ATTACKS = {"pgd": Attack("pgd", EPS, 3),
+           "pgd from a random start": Attack("pgd", EPS, 3, random_start=True),
+           "jiio": Attack("jiio", EPS, 8, 1.0),
+           "jiio from a random start": Attack("jiio", EPS, 8, 1.0, random_start=True)}
 
 
 @pytest.mark.parametrize("attack", ATTACKS.values(), ids=ATTACKS.keys())
