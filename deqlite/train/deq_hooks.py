@@ -15,8 +15,8 @@ Determinism: every random draw of a step comes from generators seeded by (seed, 
 rank, for the draws that differ per process: ``step_seed``), so a resumed run draws the same.
 
 The numbers of the records: ``solver_metrics`` (forward and backward NFE, the worst final
-relative residual) after each step, and ``jacobian_metrics`` (ρ(J) and ‖J‖²_F / d at z*) at an
-evaluation.
+relative residual) after each step, and ``jacobian_metrics`` (ρ(J) and ‖J‖²_F / d at z*, and the
+share of those examples whose solve reached the tolerance) at an evaluation.
 """
 from __future__ import annotations
 
@@ -91,12 +91,15 @@ def solver_metrics(deq: Optional[DEQ], depth: int) -> dict:
 def jacobian_metrics(module: nn.Module, inputs: torch.Tensor) -> dict:
     """ρ(J) (mean and max) and ‖J‖²_F / d at the state ``module``'s DEQ reaches on `inputs`
     (a text window's whole (seq_len, width) state as one sample), with fixed random draws so that
-    successive evaluations are comparable (in float32: no autocast)."""
-    _, f, z = equilibrium(module, inputs)
+    successive evaluations are comparable (in float32: no autocast); ``converged``: the share of
+    `inputs` whose forward solve reached the tolerance (None during the warm-up: no solve)."""
+    deq, f, z = equilibrium(module, inputs)
+    stats = deq.forward_stats
+    converged = stats.converged.float().mean().item() if stats is not None else None
     rho = spectral_radius(f, z, generator=torch.Generator().manual_seed(0))
     z_in = z.detach().requires_grad_()
     with torch.enable_grad():
         fro = hutchinson_frobenius(f(z_in), z_in, n_probes=4, kind="rademacher",
                                    generator=torch.Generator().manual_seed(1))
     return dict(spectral_radius=rho.mean().item(), spectral_radius_max=rho.max().item(),
-                jac_frobenius=fro.mean().item())
+                jac_frobenius=fro.mean().item(), converged=converged)
