@@ -9,14 +9,15 @@ pretrains; then 3 epochs of solves. JR: γ = 1 on ‖J_f(z*)‖²_F / d (one pro
 the warm-up; none during it).
 
 What it shows: the warm-up trains a 6-layer weight-tied network whose map expands (ρ(J) > 1 at
-its output), and the first solves after it do not converge. Without JR, training on those
-unconverged solves does not repair it; with JR, ρ(J) drops below 1 within an epoch and the solves
-converge, at a similar accuracy.
+its output), and the first solves after it mostly stop at the cap. Without JR, training on those
+unconverged solves rarely repairs it; with JR the solves converge within an epoch or two.
 
-Measured on a 2-core CPU, one thread (seed 0; ~25 s of CPU per run): at the first evaluation
-after the warm-up 0 of 64 test digits converge and ρ(J) ≤ 1.35 in both settings; at the end,
-without JR 0% converge (forward NFE at the cap of 15, ρ(J) max 1.33), with JR 89-100% (ρ max
-0.79), test accuracy within a few points. Three seeds: ``benchmarks/bench_jr.py``.
+Measured with ``benchmarks/bench_jr.py`` (seeds 0-2, one CPU thread on a loaded 2-core machine: ~40 s of CPU per run): at
+the first evaluation after the warm-up 0-12% of 64 test digits converge and max ρ(J) is 1.12-1.98
+(the same in both settings). At the end, without JR 0%, 3% and 78% converge (final max ρ(J) 1.37,
+1.88, 0.87), test forward NFE 15.0 (the cap) in every run, accuracy 90.5-94.4%; with JR 98-100%
+converge (max ρ(J) 1.16, 0.82, 0.79), NFE 12.9-14.9, accuracy 78.0-93.3% (seed 0 still catching
+up after 5 epochs); longer runs (``--set epochs=10``) give JR time to catch up.
 
     python -m deqlite.train --config digits_mdeq_jr                          # with JR
     python -m deqlite.train --config digits_mdeq_jr --set jac_reg_weight=0   # the same run without
