@@ -17,7 +17,7 @@ from ..cells import ResidualBlock
 from ..gradients import neumann_series, Phantom
 from ..jacobian import hutchinson_frobenius
 from ..jiio import augmented_map as jiio_augmented_map
-from ..projections import L2Ball
+from ..projections import Box, L2Ball
 
 
 # ---------------------------------------------------------------- notebook 01
@@ -373,6 +373,21 @@ def augmented_map(f, loss, z, mu, x, alpha, project):
     """JIIO's T(z, μ, x) = (f(z, x), J_zᵀμ + ∇_zℓ, project(x − α (J_xᵀμ + ∇_xℓ))), with one
     evaluation of f and one reverse pass (``deqlite.jiio.augmented_map``)."""
     return jiio_augmented_map(f, loss, z, mu, x, alpha, project)[:3]
+
+
+def pgd(model, images, labels, eps, k, step):
+    """k steps x ← Π(x + step · g/‖g‖), g = ∇ₓ CE(head(z*(x)), y) (the norm per sample), Π the
+    ball ‖x − images‖₂ ≤ eps and then the box [0, 1]; each solve warm-started from the last z*
+    (``deqlite.train.adversarial.pgd_attack`` does the same)."""
+    ball, box = L2Ball(eps, center=images), Box(0.0, 1.0)
+    x, z = images.clone(), None
+    for _ in range(k):
+        x.requires_grad_(True)
+        z = model.deq(model.stem(x), z0=z)
+        g, = torch.autograd.grad(F.cross_entropy(model.head(z), labels, reduction="sum"), x)
+        norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *[1] * (x.dim() - 1))
+        x, z = box(ball(x.detach() + step * g / norm)), z.detach()
+    return x
 
 
 # ---------------------------------------------------------------- notebook 09

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from deqlite.classroom import checks, references
+from deqlite.classroom.checks.nb08 import _pgd_variant as pgd_variant
 from deqlite.classroom.checks import _harness
 from deqlite.classroom.checks import CheckFailed
 
@@ -353,6 +354,12 @@ def data_parallel_gradient_leaves_grad(model, x, y, world):
     return [p.grad.clone() for p in model.parameters()]
 
 
+def pgd_in_place(model, images, labels, eps, k, step):
+    x = references.pgd(model, images, labels, eps, k, step)
+    images.copy_(x)                                  # overwrites the caller's clean images
+    return x
+
+
 def project_l2_ball_in_place(x, center, radius):
     d = x.sub_(center)                               # changes the caller's x
     norm = d.flatten(1).norm(dim=1).reshape(-1, *[1] * (x.dim() - 1))
@@ -587,6 +594,16 @@ CASES = {
         (lambda *a: augmented_map(*a, two_passes=True), "evaluated f 2 time"),
         (lambda f, loss, z, mu, x, alpha, project: (z,) + augmented_map(f, loss, z, mu, x, alpha,
                                                                        project)[1:], "z part"),
+    ]),
+    "pgd": (checks.check_pgd, [references.pgd, pgd_variant], [
+        (lambda *a: pgd_variant(*a, sign=-1.0), "downhill"),
+        (lambda *a: pgd_variant(*a, normalize="none"), "not skip it"),
+        (lambda *a: pgd_variant(*a, normalize="batch"), "whole batch"),
+        (lambda *a: pgd_variant(*a, order="box_ball"), "ball first"),
+        (lambda m, x, y, eps, k, step: pgd_variant(m, x, y, eps, max(k - 1, 0), step), "pgd, PGD-1"),
+        (lambda m, x, y, eps, k, step: references.pgd(m, x, y, eps, k, step).requires_grad_(),
+         "detached"),
+        (pgd_in_place, "changed its argument `images` in place"),
     ]),
     "neumann_adjoint": (checks.check_neumann_adjoint, [neumann_adjoint, neumann_adjoint_horner,
                                                        references.neumann_adjoint], [

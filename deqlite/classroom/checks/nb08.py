@@ -4,9 +4,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from ...projections import L2Ball
-from ._harness import DT, CheckFailed, _call, _compare, _passed, exercise, _tanh_problem
+from ...models import DEQClassifier
+from ...projections import Box, L2Ball
+from ._harness import (DT, CheckFailed, _call, _compare, _passed, _which, exercise,
+                       _tanh_problem)
 
 
 @exercise
@@ -132,3 +135,66 @@ def check_augmented_map(fn: Callable) -> bool:
                 f"torch.autograd.grad((fz * mu).sum() + loss(z, x).sum(), (z, x)).")
     return _passed("augmented_map", "the three parts of T(z, μ, x), with and without a projection, "
                    "for one f evaluation and one vector–Jacobian product")
+
+
+def _pgd_variant(model, images, labels, eps, k, step, *, sign=1.0, normalize="sample",
+                 order="ball_box"):
+    """PGD with one plausible mistake: descent (sign −1), no or batch-wide normalization, or the
+    box before the ball. The right one is sign 1, per-sample norm, ball then box."""
+    ball, box = L2Ball(eps, center=images), Box(0.0, 1.0)
+    project = (lambda v: box(ball(v))) if order == "ball_box" else (lambda v: ball(box(v)))
+    x = images.clone()
+    for _ in range(k):
+        x.requires_grad_(True)
+        loss = F.cross_entropy(model.head(model.deq(model.stem(x))), labels, reduction="sum")
+        g, = torch.autograd.grad(loss, x)
+        if normalize == "sample":
+            g = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, 1, 1, 1)
+        elif normalize == "batch":
+            g = g / g.norm()
+        x = project(x.detach() + sign * step * g)
+    return x.detach()
+
+
+@exercise
+def check_pgd(fn: Callable) -> bool:
+    """fn(model, images, labels, eps, k, step) -> the last iterate of PGD-k: k normalized ascent
+    steps on the cross-entropy, each projected onto the ball ‖x − images‖₂ ≤ eps, then the box."""
+    torch.manual_seed(0)
+    solve = dict(solver="anderson", tol=1e-11, max_iter=200, backward_tol=1e-11,
+                 backward_max_iter=200, on_fail="ignore")
+    model = DEQClassifier(image_size=8, channels=2, hidden=12, deq=solve).double().eval()
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(6, 1, 8, 8, generator=g, dtype=DT)
+    images[0] = 1.0                                     # a white digit: the box binds
+    labels = torch.randint(0, 10, (6,), generator=g)
+    for eps, k, step in ((0.5, 1, 0.25), (0.5, 3, 0.4)):   # the ball binds in the second
+        what = f"PGD-{k} with eps = {eps}, step = {step}"
+        got = _call(fn, "pgd", model, images.clone(), labels.clone(), eps, k, step)
+        if not isinstance(got, torch.Tensor) or got.shape != images.shape:
+            raise CheckFailed(f"pgd should return the images' tensor of shape "
+                              f"{tuple(images.shape)}, got {type(got).__name__}"
+                              f"{tuple(got.shape) if isinstance(got, torch.Tensor) else ''}.")
+        if got.requires_grad:
+            raise CheckFailed("pgd should return x detached (x.detach()): an adversarial example "
+                              "is an input, not part of a graph.")
+        expected = _pgd_variant(model, images, labels, eps, k, step)
+        hint = _which(got, {
+            "Your steps go downhill: the attack *maximizes* the cross-entropy, so x moves along "
+            "+g/‖g‖.": _pgd_variant(model, images, labels, eps, k, step, sign=-1.0),
+            "Divide g by each sample's own norm (g.flatten(1).norm(dim=1)), not skip it: PGD's "
+            "step has length `step` whatever the size of the gradient.":
+                _pgd_variant(model, images, labels, eps, k, step, normalize="none"),
+            "The norm is per sample (g.flatten(1).norm(dim=1), reshaped to broadcast), not of the "
+            "whole batch: each digit takes a step of length `step`.":
+                _pgd_variant(model, images, labels, eps, k, step, normalize="batch"),
+            "Project onto the ball first, then clip to the box: box(ball(x)). Clipping after the "
+            "ball moves pixels towards the clean ones and stays in the ball; the other order can "
+            "leave the box.": _pgd_variant(model, images, labels, eps, k, step, order="box_ball"),
+        }, "Each step: g = ∇ₓ CE(head(deq(stem(x))), y) summed over the batch, x ← box(ball(x + "
+           "step · g/‖g‖)) with the norm per sample and the ball around the clean images; return "
+           "the last x.")
+        _compare(got, expected, f"pgd, {what}", hint, rtol=1e-6, atol=1e-8)
+    return _passed("pgd", "normalized ascent steps, projected onto the ball and the box, one and "
+                   "three steps")
