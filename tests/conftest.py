@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from deqlite.cells import MLPCell  # noqa: E402
 from deqlite.data.images import CIFAR_FOLDER  # noqa: E402
 from deqlite.train.distributed import shutdown_distributed  # noqa: E402
 
@@ -90,3 +91,21 @@ def cifar_root(tmp_path):
             pickle.dump({b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8),
                          b"labels": rng.integers(0, 10, size=4).tolist()}, fh)
     return tmp_path
+
+
+class CountingCell(MLPCell):
+    """An MLPCell that counts its forward calls and the backward passes through them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forwards = self.backwards = 0
+
+    def forward(self, z, injection):
+        self.forwards += 1
+        out = super().forward(z, injection)
+        if out.requires_grad:
+            out.register_hook(self._count)
+        return out
+
+    def _count(self, grad):
+        self.backwards += 1

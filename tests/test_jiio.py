@@ -10,6 +10,8 @@ from deqlite.jiio import JIIOResult, attach, jiio, nested, objective_at
 from deqlite.projections import Box, L2Ball
 from deqlite.models import DEQDecoder
 
+from conftest import CountingCell
+
 DT = torch.float64
 
 
@@ -130,24 +132,6 @@ def test_projections_keep_every_iterate_feasible_and_reach_the_constrained_optim
 
 
 REFERENCE = {}
-
-
-class CountingCell(MLPCell):
-    """An MLPCell that counts its forward calls and the backward passes through them."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.forwards = self.backwards = 0
-
-    def forward(self, z, injection):
-        self.forwards += 1
-        out = super().forward(z, injection)
-        if out.requires_grad:
-            out.register_hook(self._count)
-        return out
-
-    def _count(self, grad):
-        self.backwards += 1
 
 
 def test_counters_count_exactly():

@@ -6,30 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deqlite import DEQ, MLPCell
+from deqlite import DEQ
 from deqlite.data import load_dataset
 from deqlite.train.adversarial import (Attack, adversarial_training, random_start,
                                        robust_accuracy, training_step)
 
+from conftest import CountingCell
+
 EPS = 1.0                  # L2 radius on scikit-learn's 8×8 digits (a digit's norm is about 3.9)
-
-
-class CountingCell(MLPCell):
-    """An MLPCell that counts its forward calls and the backward passes through them."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.forwards = self.backwards = 0
-
-    def forward(self, z, injection):
-        self.forwards += 1
-        out = super().forward(z, injection)
-        if out.requires_grad:
-            out.register_hook(self._count)
-        return out
-
-    def _count(self, grad):
-        self.backwards += 1
 
 
 class TinyClassifier(nn.Module):
