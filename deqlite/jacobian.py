@@ -130,21 +130,27 @@ def _arnoldi(vjp: Callable[[torch.Tensor], torch.Tensor], q0: torch.Tensor, k: i
     Orthogonalization is classical Gram–Schmidt applied twice (numerically as good as modified
     Gram–Schmidt, and a single batched matrix product). If the Krylov space of a sample closes
     (an invariant subspace is found, h_{j+1,j} ≈ 0), its H gets a zero there and the basis goes
-    on from a fresh random vector: the eigenvalues found so far are then exact.
+    on from a fresh random vector: the eigenvalues found so far are then exact. "≈ 0" is relative
+    to ‖Jᵀq_j‖ and to the dtype: what is left after two passes is rounding, about eps · ‖Jᵀq_j‖,
+    and normalizing *that* would give a vector no longer orthogonal to the basis (in float32 a
+    Jacobian of low rank, a saturated tanh cell's, then gave Ritz values 100× too large). So a
+    remainder below √eps · ‖Jᵀq_j‖ (1e-10 in float64) counts as closed.
     """
     batch, d = q0.shape
+    tol = 1e-10 if q0.dtype == torch.float64 else torch.finfo(q0.dtype).eps ** 0.5
     Q = q0.new_zeros(batch, k + 1, d)
     H = torch.zeros(batch, k + 1, k, dtype=torch.float64, device=q0.device)
     Q[:, 0] = q0 / q0.norm(dim=1, keepdim=True)
     for j in range(k):
         w = vjp(Q[:, j])
+        scale = w.norm(dim=1)                           # ‖Jᵀq_j‖, before orthogonalization
         basis = Q[:, :j + 1]
         for _ in range(2):
             h = torch.einsum("bid,bd->bi", basis, w)
             w = w - torch.einsum("bid,bi->bd", basis, h)
             H[:, :j + 1, j] += h.double()
         norm = w.norm(dim=1)
-        closed = norm <= 1e-10 * H[:, :j + 1, j].abs().sum(1).clamp_min(1e-30).to(norm.dtype)
+        closed = norm <= tol * scale.clamp_min(torch.finfo(w.dtype).tiny)
         if closed.any():                               # restart the closed samples' basis
             fresh = torch.randn(batch, d, generator=generator, dtype=w.dtype).to(w.device)
             for _ in range(2):

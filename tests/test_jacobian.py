@@ -336,3 +336,22 @@ def test_diagnose_a_bfloat16_solve_at_its_precision_floor(width):
     assert d.status.startswith("at the precision floor") and "bfloat16" in d.status
     assert any("Raise tol to about" in a and "damping would not help" in a for a in d.advice)
     assert torch.isfinite(d.spectral_radius).all() and (d.spectral_radius < 1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_arnoldi_on_a_low_rank_jacobian_matches_the_exact_spectral_radius(dtype):
+    # a saturated or low-rank cell: the Krylov space closes after `rank` steps, and in float32 the
+    # rounding left after orthogonalization must count as closed, not be normalized into a vector
+    # that is no longer orthogonal to the basis (that gave Ritz values 100× too large)
+    torch.manual_seed(0)
+    d, rank = 64, 5
+    A = (torch.randn(3, d, rank) @ torch.randn(3, rank, d) / d ** 0.5 * 0.5).to(dtype)
+
+    def f(z):
+        return torch.tanh(torch.einsum("bij,bj->bi", A, z))
+
+    z = 0.1 * torch.randn(3, d, dtype=dtype)
+    exact = exact_spectral_radius(f, z)
+    for n_iter in (10, 40, d):
+        got = spectral_radius(f, z, n_iter=n_iter, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(got, exact, rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=0)
