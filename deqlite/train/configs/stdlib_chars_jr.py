@@ -1,0 +1,51 @@
+"""A tiny character-level DEQ-Transformer on Python's standard library that grows harder to solve
+as it trains, unless Jacobian regularization (Bai, Koltun, Kolter, ICML 2021) holds it: the
+experiment of notebook 05, section 5, and of ``benchmarks/bench_jr.py``.
+
+The paper's figure 1 is a DEQ-Transformer on WikiText-103 whose forward NFE climbs through
+training until solves hit their cap. This is the same model (``deq_transformer_lm``, notebook 07)
+shrunk until a run takes about 20 s on one CPU thread: one weight-tied post-LN block of width 32,
+2 heads, feed-forward width 64, windows of 32 characters, tied embeddings; Anderson with memory 2
+to a relative residual of 1e-3, at most 30 forward and 30 adjoint iterations; batch 16, Adam at a
+constant lr 8e-3 (high for this model, which is what makes the plain DEQ drift), gradient norm
+clipped at 1, 200 steps; no warm-up, so the two settings of a seed start from the same model and
+the same first solve. An evaluation every 20 steps on 4,096 validation characters records the test
+forward NFE, and ρ(J) and the converged share on 16 windows. JR: γ = 1, one probe, every step.
+
+Measured (seeds 0-2, one CPU thread: ``benchmarks/bench_jr.py``):
+see ``benchmarks/README.md``. Without JR the mean training forward NFE rises from about 10 to
+15-30 in the last steps and ρ(J) at z* crosses 1; with JR it falls to about 6 and ρ(J) stays near
+0.3. 200 steps are enough for the model to learn the characters' frequencies and little more
+(about the unigram's 4.5 bits per character), so read this as a picture of the solver, not of a
+language model: notebook 07 trains one.
+
+    python -m deqlite.train --config stdlib_chars_jr                          # with JR
+    python -m deqlite.train --config stdlib_chars_jr --set jac_reg_weight=0   # the same run without
+"""
+CONFIG = dict(
+    dataset="stdlib_chars",
+    model="deq_transformer_lm",
+    model_options=dict(
+        d_model=32, n_heads=2, d_ff=64, max_len=32, dropout=0.0, norm="post",
+        positions="learned", tie_weights=True,
+        deq=dict(solver="anderson", solver_options=dict(m=2), tol=1e-3, stop="rel", max_iter=30,
+                 backward_max_iter=30, on_fail="ignore"),
+    ),
+    seq_len=32,
+    epochs=1,                       # max_steps ends the run first
+    max_steps=200,
+    batch_size=16,
+    eval_batch_size=64,
+    limit_test=4096,                # validation characters per evaluation
+    eval_every=20,
+    optimizer="adam",
+    lr=8e-3,
+    schedule="constant",
+    grad_clip=1.0,
+    pretrain_steps=0,
+    jac_reg_weight=1.0,
+    jac_reg_prob=1.0,
+    jac_reg_probes=1,
+    eval_jacobian_samples=16,
+    seed=0,
+)
