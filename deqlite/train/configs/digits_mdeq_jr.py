@@ -1,6 +1,6 @@
 """A small multiscale DEQ (MDEQ) on scikit-learn's 8×8 digits with and without Jacobian
-regularization (Bai, Koltun, Kolter, ICML 2021): the experiment of notebook 05, section 5, and of
-``benchmarks/bench_jr.py``.
+regularization (Bai, Koltun, Kolter, ICML 2021): notebook 05's exercise 6 and
+``benchmarks/bench_jr.py --preset digits_mdeq_jr`` (section 5's experiment is ``stdlib_chars_jr``).
 
 MDEQ's recipe at toy size: two branches (16 channels at 8×8, 32 at 4×4; the stem keeps the 8×8
 image), MDEQ's head, Anderson to a relative residual of 1e-3 in at most 15 steps (forward and

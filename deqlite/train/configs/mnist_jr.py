@@ -1,7 +1,7 @@
 """MNIST-5k with Jacobian regularization (Bai, Koltun, Kolter, ICML 2021): the ``mnist`` model
 started at ‖W‖₂ = 1 and trained without the unrolled warm-up, solved to a relative residual of
 1e-4, with γ = 2 on ‖J_f(z*)‖²_F / d (one probe, every step). Notebook 05 checks its ``jr_loss``
-exercise on this model; its experiment is ``digits_mdeq_jr`` (this MLP cell does not fail without
+exercise on this model; its experiment is ``stdlib_chars_jr`` (this MLP cell does not fail without
 JR, it only solves a little slower).
 
     python -m deqlite.train --config mnist_jr                          # with JR
