@@ -12,12 +12,15 @@ clipped at 1, 200 steps; no warm-up, so the two settings of a seed start from th
 the same first solve. An evaluation every 20 steps on 4,096 validation characters records the test
 forward NFE, and ρ(J) and the converged share on 16 windows. JR: γ = 1, one probe, every step.
 
-Measured (seeds 0-2, one CPU thread: ``benchmarks/bench_jr.py``):
-see ``benchmarks/README.md``. Without JR the mean training forward NFE rises from about 10 to
-15-30 in the last steps and ρ(J) at z* crosses 1; with JR it falls to about 6 and ρ(J) stays near
-0.3. 200 steps are enough for the model to learn the characters' frequencies and little more
-(about the unigram's 4.5 bits per character), so read this as a picture of the solver, not of a
-language model: notebook 07 trains one.
+Measured (seeds 0-2, one CPU thread, ``benchmarks/bench_jr.py``; table in benchmarks/README.md):
+without JR the mean training forward NFE goes from 8-9 over the first 20 steps to 11-24 over the
+last 20 (seed 1 reaches the cap at about step 100), the final test NFE is 19.5/30/30 and the final
+max ρ(J) at z* 1.2/4.0/5.7; with JR the training NFE falls to 5.8-7.0, the final test NFE is
+6.5-7.5, ρ(J) stays below 1 at most evaluations (final 1.42/0.49/0.64: seed 0's last one is the
+exception) and the runs are about 1.5× faster.
+200 steps are enough for the model to learn the characters' frequencies and little more (both
+settings end near the unigram's 4.5 bits per character, JR 0.08 bits worse), so read this as a
+picture of the solver, not of a language model: notebook 07 trains one.
 
     python -m deqlite.train --config stdlib_chars_jr                          # with JR
     python -m deqlite.train --config stdlib_chars_jr --set jac_reg_weight=0   # the same run without
