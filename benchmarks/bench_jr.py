@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     if args.threads < 1:
         parser.error("--threads must be at least 1")
     try:
-        gamma = load_preset(args.preset)["jac_reg_weight"]
+        gamma = load_preset(args.preset).get("jac_reg_weight", 0.0)   # absent: the default, 0
     except (KeyError, ValueError) as e:
         parser.error(f"preset {args.preset!r}: {e}")
     if not gamma > 0 or not math.isfinite(gamma):
