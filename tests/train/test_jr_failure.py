@@ -3,7 +3,7 @@
 fixed-point problem gets harder as it learns, the solver's forward NFE climbing from about 9 to
 its cap of 30 and ρ(J) at z* crossing 1 (the map expands there); with JR (γ on ‖J_f(z*)‖²_F / d)
 the same model trained on the same batches keeps its solves short and ρ(J) below 1. This is the
-paper's figure 1 (Bai, Koltun, Kolter, ICML 2021) at CPU size, in 120 steps.
+paper's motivating observation (Bai, Koltun, Kolter, ICML 2021) at CPU size, in 120 steps.
 
 The signal is the training forward NFE, averaged over the first and over the last 20 steps: each
 step solves one batch, so the mean over steps is steadier than a test evaluation's NFE (a test

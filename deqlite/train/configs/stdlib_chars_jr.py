@@ -2,9 +2,10 @@
 as it trains, unless Jacobian regularization (Bai, Koltun, Kolter, ICML 2021) holds it: the
 experiment of notebook 05, section 5, and of ``benchmarks/bench_jr.py``.
 
-The paper's figure 1 is a DEQ-Transformer on WikiText-103 whose forward NFE climbs through
-training until solves hit their cap. This is the same model (``deq_transformer_lm``, notebook 07)
-shrunk until a run takes about 20 s on one CPU thread: one weight-tied post-LN block of width 32,
+The paper motivates JR with its large models, the DEQ-Transformer on WikiText-103 among them,
+whose forward NFE climbs through training until solves hit their cap. This is that model
+(``deq_transformer_lm``, notebook 07) shrunk until a run takes about 20 s on one CPU thread: one
+weight-tied post-LN block of width 32,
 2 heads, feed-forward width 64, windows of 32 characters, tied embeddings; Anderson with memory 2
 to a relative residual of 1e-3, at most 30 forward and 30 adjoint iterations; batch 16, Adam at a
 constant lr 8e-3 (high for this model, which is what makes the plain DEQ drift), gradient norm
