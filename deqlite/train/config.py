@@ -8,10 +8,13 @@ The settings and what they do are the fields below (each with a comment); the gr
 * model: ``model`` (a key of ``deqlite.models.MODELS``) and its ``model_options`` (its ``deq``
   entry holds the ``deqlite.DEQ`` options);
 * optimization: ``epochs``/``max_steps``, ``batch_size`` (the *global* batch under torchrun),
-  ``optimizer`` and ``optimizer_options``, ``lr``, ``weight_decay``, ``schedule``/``lr_min``,
-  ``grad_clip``, ``amp``, ``channels_last``;
-* the DEQ: the warm-up (``pretrain_steps`` steps unrolling the cell ``pretrain_depth`` times) and
-  Jacobian regularization (``jac_reg_*``, ``pretrain_jac_reg_weight``; see ``deq_hooks``);
+  ``optimizer`` and ``optimizer_options``, ``lr``, ``weight_decay``, ``schedule``/``lr_min``
+  with a linear rise over ``lr_warmup_steps`` first, ``grad_clip``, ``amp``, ``channels_last``;
+* the DEQ: the warm-up (``pretrain_steps`` steps unrolling the cell ``pretrain_depth`` times,
+  evaluations then ``pretrain_eval_depth`` times), the random forward cap of a training step
+  (``max_iter_jitter``, ``max_iter_jitter_rule``) and Jacobian regularization (``jac_reg_*``,
+  with ``jac_reg_increment*`` raising γ in steps, ``pretrain_jac_reg_weight``); the formulas are
+  in ``deq_hooks``;
 * bookkeeping: ``seed``, ``device``, ``log_path``, ``checkpoint_path``/``checkpoint_every``,
   ``eval_every``, ``eval_jacobian_samples``.
 """
@@ -30,6 +33,9 @@ from ..data import is_text
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULES = ("cosine", "constant")
+# the two halves of github.com/locuslab/deq draw the forward cap's jitter and count γ's increments
+# differently: DEQ-Sequence (train_transformer.py) and MDEQ-Vision (lib/core/cls_function.py)
+RECIPE_RULES = ("sequence", "vision")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # what a resumed run may change: how far it trains, where its files and data are, how it loads
 # and which device it runs on (none changes the steps already taken); anything else is a new run
@@ -63,15 +69,22 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "cosine"
     lr_min: float = 0.0                    # the cosine schedule decays the learning rate to this
+    lr_warmup_steps: int = 0               # lr rises linearly over these first steps, then the schedule
     grad_clip: Optional[float] = None      # clip the gradient's global norm to this (None: don't)
     amp: str = "none"                      # autocast the forward: "none", "bf16", "fp16" (+ scaler)
     channels_last: bool = False            # model and images in torch.channels_last memory layout
     pretrain_steps: int = 0                # warm-up steps with the cell unrolled ...
     pretrain_depth: int = 6                # ... this many times
+    pretrain_eval_depth: Optional[int] = None   # evaluations in the warm-up unroll it so often (None: as training)
+    max_iter_jitter: int = 0               # J: after the warm-up, a training step's forward cap is ...
+    max_iter_jitter_rule: str = "sequence"     # ... max_iter − U{0..J} ("sequence"), or max_iter + U{−J..1} on JR steps ("vision")
     jac_reg_weight: float = 0.0            # γ of the Jacobian regularizer (0: off)
     jac_reg_prob: float = 1.0              # apply it on a step with this probability
     jac_reg_probes: int = 1                # Hutchinson probes per step
     jac_reg_ramp_steps: int = 0            # γ rises linearly from 0 over these steps (0: constant)
+    jac_reg_increment: float = 0.0         # after the warm-up γ grows by this ...
+    jac_reg_increment_every: int = 0       # ... every this many steps (both or neither)
+    jac_reg_increment_rule: str = "sequence"   # at step multiples of N ("sequence") or N, 2N.. after the warm-up ("vision")
     pretrain_jac_reg_weight: Optional[float] = None   # γ during the warm-up (None: as after it)
     jac_reg_stop_epoch: Optional[int] = None           # no regularizer from this epoch on
     eval_jacobian_samples: int = 100       # test examples for ρ(J), ‖J‖²_F/d at evaluation (0: skip)
@@ -98,6 +111,8 @@ class TrainConfig:
         lookup(OPTIMIZERS, self.optimizer, "optimizer")
         lookup(SCHEDULES, self.schedule, "schedule")
         lookup(AMP, self.amp, "amp mode")
+        lookup(RECIPE_RULES, self.max_iter_jitter_rule, "max_iter_jitter_rule")
+        lookup(RECIPE_RULES, self.jac_reg_increment_rule, "jac_reg_increment_rule")
         for name in ("download", "augment", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}.")
@@ -112,7 +127,8 @@ class TrainConfig:
                                 f"got {getattr(self, name)!r}.")
         _check_device(self.device)
         for name in ("pretrain_steps", "pretrain_depth", "checkpoint_every", "seed", "num_workers",
-                     "jac_reg_ramp_steps", "eval_jacobian_samples", "eval_every"):
+                     "jac_reg_ramp_steps", "eval_jacobian_samples", "eval_every", "lr_warmup_steps",
+                     "max_iter_jitter", "jac_reg_increment_every"):
             check_range(getattr(self, name), name, low=0, integer=True)
         check_range(self.lr, "lr", low=0, low_open=True, high=math.inf)
         if math.isinf(self.lr):
@@ -131,6 +147,15 @@ class TrainConfig:
         if self.jac_reg_stop_epoch is not None:
             check_range(self.jac_reg_stop_epoch, "jac_reg_stop_epoch", low=0, integer=True)
         check_range(self.jac_reg_prob, "jac_reg_prob", low=0, high=1)
+        if self.pretrain_eval_depth is not None:
+            check_range(self.pretrain_eval_depth, "pretrain_eval_depth", low=1, integer=True)
+        check_range(self.jac_reg_increment, "jac_reg_increment", low=0)
+        if math.isinf(self.jac_reg_increment):
+            raise ValueError("jac_reg_increment must be finite, got inf.")
+        if bool(self.jac_reg_increment) != bool(self.jac_reg_increment_every):
+            raise ValueError(f"jac_reg_increment and jac_reg_increment_every go together (γ grows "
+                             f"by the one every so many steps): set both or neither; got "
+                             f"{self.jac_reg_increment!r} and {self.jac_reg_increment_every!r}.")
         check_range(self.jac_reg_probes, "jac_reg_probes", low=1, integer=True)
         if is_text(self.dataset):
             for name in ("augment", "normalize", "channels_last"):

@@ -44,8 +44,11 @@ CONFIG = dict(
     schedule="cosine",
     lr_min=0.0,                     # --eta_min
     grad_clip=0.25,                 # --clip
+    lr_warmup_steps=16000,          # --warmup_step: lr rises linearly, then follows the cosine
     pretrain_steps=32000,
     pretrain_depth=2,               # --n_layer 2
+    pretrain_eval_depth=None,       # as in training (2): the model reads --eval_n_layer 24 only
+                                    # for an evaluation at train_step 0, which the script never runs
     jac_reg_weight=0.0,
     eval_jacobian_samples=0,        # the spectral radius is off by default there too
     seed=1111,                      # --seed's default
@@ -53,10 +56,8 @@ CONFIG = dict(
 
 # Settings of the locuslab run that deqlite cannot express yet (not read by the trainer):
 WANTS = dict(
-    lr_warmup_steps=16000,          # --warmup_step: lr rises linearly from 0 over 16,000 steps
     mem_len=150,                    # Transformer-XL memory of the previous segment's states
     relative_positions=True,        # Transformer-XL's relative positional encoding
-    eval_n_layer=24,                # during the warm-up, evaluate with the cell unrolled 24 times
     weight_norm=True,               # --wnorm on the block's linear maps
     init_std=0.01,                  # N(0, 0.01) weights, N(1, 0.01) LayerNorm gains
     dropatt=0.0,                    # attention-probability dropout (0 here anyway)

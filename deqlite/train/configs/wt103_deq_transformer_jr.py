@@ -39,13 +39,16 @@ CONFIG.update(
     jac_reg_probes=1,               # jac_loss_estimate(vecs=1)
     jac_reg_ramp_steps=0,
     pretrain_jac_reg_weight=0.0,    # no JR while the cell is unrolled
+    jac_reg_increment=0.1,          # --jac_incremental 35000: γ += 0.1 at every multiple of
+    jac_reg_increment_every=35000,  # 35,000 steps after the warm-up
+    jac_reg_increment_rule="sequence",
+    max_iter_jitter=2,              # --rand_f_thres_delta 2: each training step's forward cap is
+    max_iter_jitter_rule="sequence",    # 12 − U{0, 1, 2}
 )
 
 # Settings of the locuslab run that deqlite cannot express yet (not read by the trainer):
 WANTS = dict(
     _BASE_WANTS,
     mem_len=300,
-    jac_reg_increment=(35000, 0.1),  # --jac_incremental: γ += 0.1 every 35,000 steps
-    rand_max_iter_delta=2,           # --rand_f_thres_delta: forward cap 12 − U{0, 1, 2}
     dropatt=0.01,
 )
