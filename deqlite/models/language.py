@@ -38,8 +38,24 @@ Models (keyword-only options, validated):
 
 Every model has ``forward(tokens) -> logits (batch, T, V)`` (log-probabilities for the adaptive
 softmax), ``loss(tokens, targets)`` (mean negative log-likelihood per token, in nats) and
-``generate(prompt, n_new)``. Not here: Transformer-XL's memory of the previous segment
-(``mem_len``) and its relative positional encoding; every window is modelled on its own.
+``generate(prompt, n_new)``.
+
+Transformer-XL's memory (``positions="relative"``, ``mem_len=M``; Dai et al., ACL 2019, as the
+published DEQ-Transformer uses it). A text is read segment by segment; with ``mem_len`` the
+block's cell is ``deqlite.cells.TransformerXLCell``: relative-position attention, and a memory
+of the last M tokens before the segment (their equilibrium states z* and injections, detached)
+that the segment's queries attend to as well:
+
+    out = model.loss(tokens, targets, memory=memory)    # memory: None at the start of a text
+    memory = model.next_memory                          # for the segment that follows
+
+``next_memory`` keeps the last M tokens of [memory; segment] (``mem_len`` in training mode,
+``eval_mem_len`` in eval mode; None when that is 0). Because the scores depend only on distances,
+a segment read with the memory of the one before gets the equilibrium the block reaches on the
+two concatenated (up to the solver's tolerance): the context of a token reaches back up to M
+tokens past the segment's start. The trainer carries the memory from step to step along each
+row of the token stream (``deqlite.train.tasks``). ``TransformerLM`` with relative positions is
+the explicit Transformer-XL: each layer keeps the memory of its own input states.
 """
 from __future__ import annotations
 
@@ -51,10 +67,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validate import check_int_list, check_positive_ints, check_range, check_tensor, lookup
-from ..cells import TransformerCell, check_dropout
+from ..cells import Memory, TransformerCell, TransformerXLCell, check_dropout
 from ..deq import DEQ
 
-POSITIONS = ("learned", "sinusoidal")
+POSITIONS = ("learned", "sinusoidal", "relative")
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
@@ -144,11 +160,15 @@ class _LanguageModel(nn.Module):
                                                           div_value=div_value)
             self.embed = AdaptiveInput(vocab_size, d_model, cutoffs, div_value,
                                        weights=self.adaptive if tie_weights else None)
+        self.relative = positions == "relative"      # the cell encodes distances itself
         if positions == "learned":
             self.positions = nn.Parameter(torch.randn(max_len, d_model))
-        else:
+        elif positions == "sinusoidal":
             self.register_buffer("positions", sinusoidal_positions(max_len, d_model),
                                  persistent=False)
+        else:
+            self.positions = None
+        self.next_memory = None                  # the memory for the segment after the last call
         self.drop = nn.Dropout(dropout)          # on x and on z*: outside the solve
         self.norm = nn.LayerNorm(d_model)
 
@@ -170,33 +190,72 @@ class _LanguageModel(nn.Module):
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """x_t = √d · e(token_t) + P_t, (batch, T, d_model) (Vaswani et al. 2017, §3.4)."""
         self._check_tokens(tokens)
-        x = self.embed(tokens) * math.sqrt(self.d_model) + self.positions[: tokens.shape[1]]
+        x = self.embed(tokens) * math.sqrt(self.d_model)
+        if self.positions is not None:
+            x = x + self.positions[: tokens.shape[1]]
         return self.drop(x)
 
-    def _body(self, x: torch.Tensor) -> torch.Tensor:
+    def _setup_memory(self, mem_len: int, eval_mem_len: Optional[int]) -> None:
+        check_range(mem_len, "mem_len", low=0, integer=True)
+        if eval_mem_len is not None:
+            check_range(eval_mem_len, "eval_mem_len", low=0, integer=True)
+        if (mem_len or eval_mem_len) and not self.relative:
+            raise ValueError(f"mem_len / eval_mem_len need positions=\"relative\": with absolute "
+                             f"positions a remembered token would get the position of a token in "
+                             f"the segment (got positions with mem_len={mem_len}, eval_mem_len="
+                             f"{eval_mem_len}).")
+        self.mem_len = mem_len
+        self.eval_mem_len = mem_len if eval_mem_len is None else eval_mem_len
+
+    def _keep(self) -> int:
+        """How many tokens the memory keeps now: mem_len in training mode, eval_mem_len in eval."""
+        return self.mem_len if self.training else self.eval_mem_len
+
+    def _remember(self, memory: Optional[Memory], z: torch.Tensor, u: torch.Tensor) -> Optional[Memory]:
+        """The last ``_keep()`` tokens of [memory; segment]: states z and injections u, detached."""
+        keep = self._keep()
+        if not keep:
+            return None
+        with torch.no_grad():
+            if memory is not None:
+                z, u = torch.cat([memory.z.to(z.dtype), z], 1), torch.cat([memory.u.to(u.dtype), u], 1)
+            return Memory(z[:, -keep:].detach(), u[:, -keep:].detach())
+
+    def _check_memory_use(self, memory) -> None:
+        if memory is not None and not self.relative:
+            raise ValueError("this model has no memory (positions is not \"relative\"); call it "
+                             "without memory=.")
+
+    def _body(self, x: torch.Tensor, memory=None) -> tuple:
+        """(z, next_memory) for embedded tokens x and the memory of the tokens before them."""
         raise NotImplementedError
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The last states before the output layer, LN(z*): (batch, T, d_model)."""
-        return self.drop(self.norm(self._body(self.embed_tokens(tokens))))
+    def hidden(self, tokens: torch.Tensor, memory=None) -> torch.Tensor:
+        """The last states before the output layer, LN(z*): (batch, T, d_model). Sets
+        ``next_memory`` (module docstring)."""
+        self._check_memory_use(memory)
+        z, self.next_memory = self._body(self.embed_tokens(tokens), memory)
+        return self.drop(self.norm(z))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, memory=None) -> torch.Tensor:
         """Logits (batch, T, vocab_size) for the next token at every position (with ``cutoffs``:
-        log-probabilities, which are logits too)."""
-        h = self.hidden(tokens)
+        log-probabilities, which are logits too); ``memory``: of the tokens before (module
+        docstring)."""
+        h = self.hidden(tokens, memory)
         if self.adaptive is None:
             return self.head(h)
         return self.adaptive.log_prob(h.reshape(-1, self.d_model)).view(*h.shape[:2], -1)
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean negative log-likelihood of ``targets`` (batch, T) per token, in nats."""
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, memory=None) -> torch.Tensor:
+        """Mean negative log-likelihood of ``targets`` (batch, T) per token, in nats (``memory``:
+        of the tokens before, see the module docstring)."""
         self._check_tokens(targets, "targets")
         if targets.shape != tokens.shape:
             raise ValueError(f"targets has shape {tuple(targets.shape)}, tokens "
                              f"{tuple(tokens.shape)}; they must match (targets: the next tokens).")
         if self.adaptive is None:
-            return F.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())
-        h = self.hidden(tokens)
+            return F.cross_entropy(self(tokens, memory).flatten(0, 1), targets.flatten())
+        h = self.hidden(tokens, memory)
         return self.adaptive(h.reshape(-1, self.d_model), targets.flatten()).loss
 
     @torch.no_grad()
@@ -228,21 +287,68 @@ class _LanguageModel(nn.Module):
         return tokens
 
 
+def normal_init_(model: nn.Module, std: float) -> None:
+    """locuslab's initialization (``--init normal --init_std``): every weight of a linear map and
+    every embedding N(0, std²), biases 0, LayerNorm gains N(1, std²), Transformer-XL's global
+    biases N(0, std²). A weight-normalized map W = g · V / ‖V‖ gets V ~ N(0, std²) and g = ‖V‖
+    (so that W = V at the start, as weight norm's own initialization makes it)."""
+    check_range(std, "init_std", low=0, low_open=True)
+    parametrize = nn.utils.parametrize
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if parametrize.is_parametrized(module, "weight"):
+                    g, v = module.parametrizations.weight.original0, module.parametrizations.weight.original1
+                    v.normal_(0.0, std)
+                    g.copy_(torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=True))
+                else:
+                    module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.normal_(1.0, std)
+                module.bias.zero_()
+            elif isinstance(module, TransformerXLCell):
+                module.r_w_bias.normal_(0.0, std)
+                module.r_r_bias.normal_(0.0, std)
+
+
+def _block(positions: str, d_model: int, n_heads: int, d_ff: int, dropout: float, norm: str,
+           dropatt: float, weight_norm: bool) -> nn.Module:
+    """The block: a ``TransformerXLCell`` for relative positions, else a ``TransformerCell`` (which
+    has no attention dropout or weight norm)."""
+    if positions == "relative":
+        return TransformerXLCell(d_model, n_heads, d_ff, dropout=dropout, dropatt=dropatt,
+                                 norm=norm, weight_norm=weight_norm)
+    if dropatt or weight_norm:
+        raise ValueError(f"dropatt and weight_norm are options of the Transformer-XL block: set "
+                         f"positions=\"relative\" (got positions={positions!r}, dropatt={dropatt}, "
+                         f"weight_norm={weight_norm}).")
+    return TransformerCell(d_model, n_heads, d_ff, dropout=dropout, norm=norm)
+
+
 class DEQTransformerLM(_LanguageModel):
-    """The DEQ-Transformer language model: embedding → DEQ over a ``TransformerCell`` → LN → output.
+    """The DEQ-Transformer language model: embedding → DEQ over a ``TransformerCell`` (or, with
+    ``positions="relative"``, a ``TransformerXLCell`` with a memory) → LN → output.
 
     Args:
         vocab_size: number of token ids (the trainer passes the data's).
         d_model, n_heads, d_ff: the block's width, heads and feed-forward width.
-        max_len: the longest context (positions beyond it are an error).
+        max_len: the longest segment (positions beyond it are an error).
         dropout: rate of the variational dropout inside the block and of plain dropout on the
             embedded input and on z* (both outside the solve).
         norm: ``"post"`` or ``"pre"`` LayerNorm placement (see the module docstring).
-        positions: ``"learned"`` (a trained table) or ``"sinusoidal"`` (Vaswani et al.).
+        positions: ``"learned"`` (a trained table), ``"sinusoidal"`` (Vaswani et al.) or
+            ``"relative"`` (Transformer-XL's, in the block: the published DEQ-Transformer).
         tie_weights: share the input embedding with the output layer.
         cutoffs: word-level: cluster boundaries of the adaptive input and adaptive softmax
             (e.g. [20000, 40000, 200000] on WikiText-103); None: a full softmax.
         div_value: with cutoffs, cluster i has width d_model / div_value^i.
+        mem_len, eval_mem_len: tokens of memory in training and in eval mode (relative positions
+            only; eval_mem_len None: mem_len; 0: none).
+        dropatt: attention-probability dropout (relative positions only).
+        weight_norm: weight normalization on the block's maps (relative positions only).
+        init_std: None: PyTorch's default initialization; a number: ``normal_init_``.
         deq: keyword arguments of ``deqlite.DEQ`` (solver, tol, max_iter, backward, ...).
     """
 
@@ -250,36 +356,63 @@ class DEQTransformerLM(_LanguageModel):
                  d_ff: int = 512, max_len: int = 128, dropout: float = 0.0, norm: str = "post",
                  positions: str = "learned", tie_weights: bool = True,
                  cutoffs: Optional[Sequence[int]] = None, div_value: float = 4.0,
+                 mem_len: int = 0, eval_mem_len: Optional[int] = None, dropatt: float = 0.0,
+                 weight_norm: bool = False, init_std: Optional[float] = None,
                  deq: Optional[Mapping[str, Any]] = None):
         super().__init__(vocab_size=vocab_size, d_model=d_model, max_len=max_len, dropout=dropout,
                          positions=positions, tie_weights=tie_weights, cutoffs=cutoffs,
                          div_value=div_value)
-        self.cell = TransformerCell(d_model, n_heads, d_ff, dropout=dropout, norm=norm)
+        self._setup_memory(mem_len, eval_mem_len)
+        self.cell = _block(positions, d_model, n_heads, d_ff, dropout, norm, dropatt, weight_norm)
         self.deq = DEQ.from_options(self.cell, deq)
+        if init_std is not None:
+            normal_init_(self, init_std)
 
-    def _body(self, x: torch.Tensor) -> torch.Tensor:
-        return self.deq(x)
+    def _body(self, x: torch.Tensor, memory=None) -> tuple:
+        if not self.relative:
+            return self.deq(x), None
+        z = self.deq(x, memory=memory)
+        if not self._keep():
+            return z, None
+        with torch.no_grad():
+            u = self.cell.injection(x)              # the segment's injection, as inject made it
+        return z, self._remember(memory, z, u)
 
 
 class TransformerLM(_LanguageModel):
-    """The explicit baseline: ``n_layers`` untied ``TransformerCell`` blocks, z_k = f_k(z_{k−1}, x)
-    from z_0 = 0, in place of the equilibrium. Same options as ``DEQTransformerLM`` (no ``deq``)."""
+    """The explicit baseline: ``n_layers`` untied blocks, z_k = f_k(z_{k−1}, x) from z_0 = 0, in
+    place of the equilibrium. Same options as ``DEQTransformerLM`` (no ``deq``); with relative
+    positions and ``mem_len`` it is Transformer-XL: the memory is one ``Memory`` per layer (the
+    input states of that layer on the tokens before, and their injections)."""
 
     def __init__(self, *, vocab_size: int = 256, d_model: int = 128, n_heads: int = 4,
                  d_ff: int = 512, max_len: int = 128, n_layers: int = 4, dropout: float = 0.0,
                  norm: str = "post", positions: str = "learned", tie_weights: bool = True,
-                 cutoffs: Optional[Sequence[int]] = None, div_value: float = 4.0):
+                 cutoffs: Optional[Sequence[int]] = None, div_value: float = 4.0,
+                 mem_len: int = 0, eval_mem_len: Optional[int] = None, dropatt: float = 0.0,
+                 weight_norm: bool = False, init_std: Optional[float] = None):
         super().__init__(vocab_size=vocab_size, d_model=d_model, max_len=max_len, dropout=dropout,
                          positions=positions, tie_weights=tie_weights, cutoffs=cutoffs,
                          div_value=div_value)
         check_range(n_layers, "n_layers", low=1, integer=True)
-        self.layers = nn.ModuleList(TransformerCell(d_model, n_heads, d_ff, dropout=dropout,
-                                                    norm=norm) for _ in range(n_layers))
+        self._setup_memory(mem_len, eval_mem_len)
+        self.layers = nn.ModuleList(_block(positions, d_model, n_heads, d_ff, dropout, norm,
+                                           dropatt, weight_norm) for _ in range(n_layers))
+        if init_std is not None:
+            normal_init_(self, init_std)
 
-    def _body(self, x: torch.Tensor) -> torch.Tensor:
+    def _body(self, x: torch.Tensor, memory=None) -> tuple:
         check_tensor(x, "x")
-        z = None
-        for layer in self.layers:
-            injection = layer.inject(x)
-            z = layer(layer.init_state(injection) if z is None else z, injection)
-        return z
+        if memory is not None and (not isinstance(memory, (list, tuple)) or len(memory) != len(self.layers)):
+            raise ValueError(f"memory must be a list of {len(self.layers)} Memory pairs, one per "
+                             f"layer (the model's next_memory of the previous segment).")
+        z, new = None, []
+        for i, layer in enumerate(self.layers):
+            own = memory[i] if memory is not None else None
+            injection = layer.inject(x, memory=own) if self.relative else layer.inject(x)
+            z_in = layer.init_state(injection) if z is None else z
+            z = layer(z_in, injection)
+            if self.relative and self._keep():         # this layer's input states and injections
+                t = z_in.shape[1]
+                new.append(self._remember(own, z_in, injection[0][:, -t:]))
+        return z, (new or None)

@@ -21,6 +21,15 @@ cross-entropy of the logits, the quality the accuracy.
 (loss / ln 2; for characters bits per character) and the perplexity e^loss. The held-out split is
 "valid" (records keep ``split="test"``, the held-out record every dashboard plots, and say
 ``eval_split="valid"``); score "test" at the end with ``trainer.evaluate(split="test")``.
+
+A model with a Transformer-XL memory (``mem_len``, ``deqlite.models.language``) reads each row
+of the stream segment after segment: step k's windows continue step k−1's, so the task keeps the
+memory the model returned at step k−1 and passes it at step k; it starts empty where a row
+starts (window 0 of an epoch) and at every evaluation, which carries its own memory from window
+to window. The training memory is part of the checkpoint (``state_dict``: gathered from every
+process, so a resumed run, even with another number of processes, goes on with the same memory).
+A task's hooks, called by the trainer: ``begin_step(step)``, ``begin_evaluation()``,
+``state_dict()`` / ``load_state_dict(state)`` (no-ops for images).
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ from ..data import is_text, load_dataset
 from ..data.batches import StreamBatches, TrainBatches, eval_batches, eval_windows, first_windows
 from ..data.images import first_images, image_shape, num_classes, take
 from ..data.text import bits
+from ..cells import Memory
 from ..models import MODELS, is_language_model
 from .config import TrainConfig
 from .distributed import Place
@@ -76,6 +86,21 @@ class _Task:
 
     def speed(self, y: torch.Tensor, world_size: int, seconds: float) -> dict:
         return {"samples_per_s": len(y) * world_size / seconds}
+
+    # hooks of the trainer, for tasks with state across steps (the text memory); none here
+    def begin_step(self, step: int) -> None:
+        """Step `step` is about to run."""
+
+    def begin_evaluation(self) -> None:
+        """An evaluation is about to run."""
+
+    def state_dict(self) -> Optional[dict]:
+        """What a checkpoint must hold for exact resume, beyond model and optimizer (every
+        process calls it)."""
+        return None
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """Restore ``state_dict()``'s state."""
 
 
 class ImageClassification(_Task):
@@ -170,8 +195,27 @@ class LanguageModelLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.model.loss(tokens, tokens if targets is None else targets)
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                memory=None) -> torch.Tensor:
+        targets = tokens if targets is None else targets
+        if memory is None:                      # (a model without memory takes no memory=)
+            return self.model.loss(tokens, targets)
+        return self.model.loss(tokens, targets, memory=memory)
+
+
+def _pack(memory) -> Optional[list]:
+    """A model's memory (a ``Memory`` pair, or a list of them, one per layer) as a list of
+    [z, u] pairs of tensors (what a checkpoint can hold)."""
+    if memory is None:
+        return None
+    return [list(memory)] if isinstance(memory, Memory) else [list(m) for m in memory]
+
+
+def _unpack(packed: Optional[list], one: bool):
+    if packed is None:
+        return None
+    memories = [Memory(*pair) for pair in packed]
+    return memories[0] if one else memories
 
 
 class LanguageModeling(_Task):
@@ -200,15 +244,63 @@ class LanguageModeling(_Task):
     def module(self, model: nn.Module) -> nn.Module:
         return LanguageModelLoss(model)
 
+    def __init__(self, config: TrainConfig, place: Place, device: torch.device, *,
+                 data: Optional[tuple] = None):
+        super().__init__(config, place, device, data=data)
+        self.stream: Optional[StreamBatches] = None
+        self.memory = {"train": None, "eval": None}     # the model's memory for the next window
+        self.memory_step: Optional[int] = None          # the step the training memory is for
+
     def train_batches(self) -> StreamBatches:
         c, p = self.config, self.place
-        return StreamBatches(self.train_set, c.batch_size, c.seq_len, rank=p.rank,
-                             world_size=p.world_size)
+        self.stream = StreamBatches(self.train_set, c.batch_size, c.seq_len, rank=p.rank,
+                                    world_size=p.world_size)
+        return self.stream
 
     def eval_batches(self, dataset, batch_size: int) -> Iterator:
         p = self.place
         return eval_windows(dataset, batch_size, self.config.seq_len, rank=p.rank,
                             world_size=p.world_size)
+
+    def begin_step(self, step: int) -> None:
+        """The memory of step − 1 goes on into `step`, unless a row starts again there."""
+        starts_row = self.stream is not None and self.stream.window(step).start == 0
+        if starts_row or self.memory_step != step:
+            self.memory["train"] = None
+        self.memory_step = step
+
+    def begin_evaluation(self) -> None:
+        self.memory["eval"] = None
+
+    def state_dict(self) -> Optional[dict]:
+        """The training memory and the step it is for, its rows gathered from every process (in
+        rank order: the rows of the global batch)."""
+        packed = _pack(self.memory["train"])
+        if packed is not None and self.place.world_size > 1:
+            import torch.distributed as dist
+            gathered = []
+            for pair in packed:
+                both = []
+                for t in pair:
+                    parts = [torch.empty_like(t) for _ in range(self.place.world_size)]
+                    dist.all_gather(parts, t.contiguous())
+                    both.append(torch.cat(parts).cpu())
+                gathered.append(both)
+            packed = gathered
+        elif packed is not None:
+            packed = [[t.cpu() for t in pair] for pair in packed]
+        return dict(memory=packed, memory_step=self.memory_step,
+                    one=isinstance(self.memory["train"], Memory))
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """This process's rows of the saved memory (see ``state_dict``)."""
+        if not state or state.get("memory") is None:
+            return
+        p, rows = self.place, self.config.batch_size // self.place.world_size
+        mine = slice(p.rank * rows, (p.rank + 1) * rows)
+        packed = [[t[mine].to(self.device) for t in pair] for pair in state["memory"]]
+        self.memory["train"] = _unpack(packed, state["one"])
+        self.memory_step = state["memory_step"]
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, non_blocking=True)
@@ -217,7 +309,15 @@ class LanguageModeling(_Task):
         return self.inputs(first_windows(self.test_set, n, self.config.seq_len)[0])
 
     def forward(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return module(x, y)                                 # mean NLL per token, from the model
+        """The mean NLL per token, from the model, given the memory of the window before (kept
+        per mode: training steps, evaluation windows)."""
+        model = getattr(module, "module", module).model     # inside DDP and LanguageModelLoss
+        kind = "train" if model.training else "eval"
+        out = module(x, y, self.memory[kind])
+        self.memory[kind] = getattr(model, "next_memory", None)
+        if kind == "train" and self.memory_step is not None:
+            self.memory_step += 1                           # the memory is for the next step
+        return out
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Optional[float]]:
         return out.float(), None

@@ -12,24 +12,36 @@ No Jacobian regularization (see ``wt103_deq_transformer_jr`` for the ICML 2021 r
 
 Aims for: the paper's DEQ-Transformer (medium) result on WikiText-103, 23.2 test perplexity with
 3.7 GB of training memory, against Transformer-XL's 23.6 at 9.0 GB (the locuslab README: ~23.8
-with this script, 23.1 for the released weights). This model has 94.9M parameters (the FFN:
-67.2M; the tied adaptive embeddings: 25.2M).
+with this script, 23.1 for the released weights). This model has 96,448,350 parameters (the
+FFN: 67.3M with its weight-norm gains; the rest of the block: 3.9M; the tied adaptive
+embeddings and softmax: 25.2M).
 
     python -m deqlite.train --config wt103_deq_transformer      # needs WikiText-103 and a GPU
 
-Differences from the locuslab model, beyond ``WANTS`` below: deqlite has no Transformer-XL memory
-(``mem_len``: the DEQ there attends to the equilibrium states of the previous 150 tokens as
-well; here every window of 150 tokens stands alone, which costs perplexity), and it uses
-absolute sinusoidal positions instead of Transformer-XL's relative encoding; the input enters
-the block as z + u instead of through the attention's projections only (see
-``deqlite.transformer``); PyTorch's default initialization instead of N(0, 0.01).
+The block is ``deqlite.cells.TransformerXLCell``, locuslab's: Transformer-XL's relative-position
+attention with the learned global biases (``positions="relative"``), a memory of the equilibrium
+states of the previous 150 tokens (``mem_len``, also in evaluation), the input injected into the
+attention's queries, keys and values, weight norm on the block's maps (``--wnorm``), N(0, 0.01)
+initialization (``--init_std``; LayerNorm gains N(1, 0.01)).
+
+Differences from the locuslab model that remain: its LayerNorms inside the block have no
+learned gain and bias (``F.layer_norm``), deqlite's do (2,800 parameters), and deqlite puts a
+final LayerNorm on z* before the output layer; its adaptive embedding has a projection for every
+cluster, the shortlist's included, where deqlite's (``AdaptiveInput``) reads the adaptive
+softmax's weights; it also drops out the distance encodings (deqlite does not); its
+evaluation during the warm-up would unroll the cell 24 times
+(``--eval_n_layer``) but only at train step 0, which the script never evaluates.
 """
 CONFIG = dict(
     dataset="wikitext103",
     model="deq_transformer_lm",
     model_options=dict(
         d_model=700, n_heads=10, d_ff=48000, max_len=150, dropout=0.05, norm="post",
-        positions="sinusoidal", tie_weights=True, cutoffs=[20000, 40000, 200000], div_value=4.0,
+        positions="relative", tie_weights=True, cutoffs=[20000, 40000, 200000], div_value=4.0,
+        mem_len=150,                # --mem_len 150: the states of the previous 150 tokens
+        dropatt=0.0,                # --dropatt 0.0
+        weight_norm=True,           # --wnorm
+        init_std=0.01,              # --init_std 0.01 (--init normal)
         deq=dict(solver="anderson", tol=1e-3, stop="rel", max_iter=30, solver_options=dict(m=6),
                  backward_solver="broyden", backward_max_iter=35, on_fail="ignore"),
     ),
@@ -54,11 +66,3 @@ CONFIG = dict(
     seed=1111,                      # --seed's default
 )
 
-# Settings of the locuslab run that deqlite cannot express yet (not read by the trainer):
-WANTS = dict(
-    mem_len=150,                    # Transformer-XL memory of the previous segment's states
-    relative_positions=True,        # Transformer-XL's relative positional encoding
-    weight_norm=True,               # --wnorm on the block's linear maps
-    init_std=0.01,                  # N(0, 0.01) weights, N(1, 0.01) LayerNorm gains
-    dropatt=0.0,                    # attention-probability dropout (0 here anyway)
-)
