@@ -18,7 +18,17 @@ The per-call knobs, set for a block of code with ``with deq.options(...):`` and 
   pass that builds a graph also sets ``deq.jac_loss``, the batch mean of the Hutchinson estimate of
   ‖J_f(z*)‖²_F / d from M probes (``deqlite.jacobian``; ``jac_probe_kind`` is ``"gaussian"`` or
   ``"rademacher"``), differentiable in the parameters with z* held fixed; add γ · ``deq.jac_loss``
-  to the loss. Otherwise ``jac_loss`` is None.
+  to the loss. Otherwise ``jac_loss`` is None;
+* the forward solve's iteration cap: ``max_iter=k`` stops it after at most k iterations in place
+  of the forward solver's own ``max_iter`` (None, the default: that one), e.g. a cap drawn anew
+  for each training step (``deqlite.train.deq_hooks.forward_max_iter``).
+
+Extra inputs of the injection: ``deq(x, z0, **context)`` passes the keyword arguments on to the
+cell, ``cell.inject(x, **context)``, computed once per call like the rest of the injection and
+held fixed during the solve: something the equilibrium depends on besides x, e.g. a
+Transformer-XL memory, the previous segment's equilibrium states, attended to but not solved for
+(``fixed_point_map`` and ``equilibrium`` take and pass them the same way). Without context a call
+is ``cell.inject(x)``, as for a cell whose ``inject`` takes x alone.
 
 After each call, ``deq.forward_stats`` holds the forward solve's ``SolverStats`` (None while
 pretraining) and ``deq.backward_stats`` what the gradient rule spent on the gradient (the adjoint
@@ -39,6 +49,7 @@ its equilibrium on some inputs, for ``deqlite.diagnostics`` and the trainer's me
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import sys
@@ -54,7 +65,8 @@ from .jacobian import PROBES, hutchinson_frobenius
 from .solvers import SolverSpec, State, flatten_state, state_tensors, unflatten_state
 from .stats import ON_FAIL, SolverStats, check_convergence
 
-KNOBS = {"pretrain_steps": 0, "jac_probes": 0, "jac_probe_kind": "gaussian"}   # options(), defaults
+KNOBS = {"pretrain_steps": 0, "jac_probes": 0, "jac_probe_kind": "gaussian",   # options(), defaults
+         "max_iter": None}
 
 
 def _describe(value: Any) -> str:
@@ -251,8 +263,8 @@ class DEQ(nn.Module):
     Attributes: ``forward_solver`` and ``backward_solver`` (``SolverSpec``), ``gradient`` (the
     rule), ``adjoint`` (the ``IFT`` rule with the adjoint settings; ``gradient`` itself for
     ``"ift"``), the records ``forward_stats``, ``backward_stats``, ``jac_loss``, and the knobs
-    ``pretrain_steps``, ``jac_probes``, ``jac_probe_kind`` (read-only: change them with
-    ``options``).
+    ``pretrain_steps``, ``jac_probes``, ``jac_probe_kind``, ``max_iter`` (read-only: change
+    them with ``options``).
 
     ``torch.compile``: compile the cell, ``DEQ(torch.compile(cell), ...)``: the solver's Python loop
     (and the IFT backward) runs around the compiled cell. The loop stops when the samples converge,
@@ -322,6 +334,8 @@ class DEQ(nn.Module):
                           doc="Hutchinson probes of the Jacobian regularizer (0: no jac_loss).")
     jac_probe_kind = property(lambda self: self._knobs["jac_probe_kind"],
                               doc="The probes' distribution: 'gaussian' or 'rademacher'.")
+    max_iter = property(lambda self: self._knobs["max_iter"],
+                        doc="The forward solve's cap for this block (None: forward_solver.max_iter).")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in KNOBS:
@@ -332,8 +346,8 @@ class DEQ(nn.Module):
     @contextlib.contextmanager
     def options(self, **changes: Any) -> Iterator["DEQ"]:
         """Inside the ``with`` block, the knobs take the values given (``pretrain_steps``,
-        ``jac_probes``, ``jac_probe_kind``; see the module docstring); on the way out they are
-        what they were before, also after an error.
+        ``jac_probes``, ``jac_probe_kind``, ``max_iter``; see the module docstring); on the way
+        out they are what they were before, also after an error.
 
             with deq.options(jac_probes=1):
                 loss = criterion(model(x), y) + gamma * deq.jac_loss
@@ -344,6 +358,8 @@ class DEQ(nn.Module):
                 check_range(changes[name], name, low=0, integer=True)
         if "jac_probe_kind" in changes:
             lookup(PROBES, changes["jac_probe_kind"], "probe kind")
+        if changes.get("max_iter") is not None:
+            check_range(changes["max_iter"], "max_iter", low=1, integer=True)
         saved = dict(self._knobs)
         self._knobs.update(changes)
         try:
@@ -353,14 +369,16 @@ class DEQ(nn.Module):
 
     # --- the forward pass ---------------------------------------------------------------------
 
-    def fixed_point_map(self, x: torch.Tensor, z0: Optional[State] = None) -> FixedPointMap:
-        """The map f(z) = cell(z, inject(x)) on flat states (batch, D) for the input x, its flat
-        starting state (z0, or the cell's ``init_state``) and how to unflatten a state (a cell
-        may keep a list of tensors, e.g. one per scale). inject(x) is computed once here, and x,
-        z0 and the injection are checked (module docstring)."""
+    def fixed_point_map(self, x: torch.Tensor, z0: Optional[State] = None,
+                        **context: Any) -> FixedPointMap:
+        """The map f(z) = cell(z, inject(x, **context)) on flat states (batch, D) for the input x
+        (and the `context`, e.g. a memory: the module docstring), its flat starting state (z0, or
+        the cell's ``init_state``) and how to unflatten a state (a cell may keep a list of
+        tensors, e.g. one per scale). The injection is computed once here, and x, z0 and the
+        injection are checked (module docstring)."""
         _check_input(x)
         check_dtypes(self.cell, x, z0)
-        injection = self.cell.inject(x)
+        injection = self.cell.inject(x, **context) if context else self.cell.inject(x)
         check_injection(self.cell, x, injection)
         z0_flat, spec = flatten_state(self.cell.init_state(injection) if z0 is None else z0, "z0")
         if z0 is not None:
@@ -369,9 +387,10 @@ class DEQ(nn.Module):
         return FixedPointMap(lambda z: step(z, injection), z0_flat, spec, injection)
 
     @_eager_under_compile
-    def forward(self, x: torch.Tensor, z0: Optional[State] = None) -> State:
-        """Return the equilibrium state z* for the batch x (warm-started from z0 if given)."""
-        m = self.fixed_point_map(x, z0)
+    def forward(self, x: torch.Tensor, z0: Optional[State] = None, **context: Any) -> State:
+        """Return the equilibrium state z* for the batch x (warm-started from z0 if given);
+        `context` goes to the cell's ``inject`` along with x (module docstring)."""
+        m = self.fixed_point_map(x, z0, **context)
         self.forward_stats = self.jac_loss = self.gradient.stats = None
         needs_grad = torch.is_grad_enabled() and (
             any(t.requires_grad for t in state_tensors(m.injection))
@@ -381,7 +400,9 @@ class DEQ(nn.Module):
             for _ in range(self.pretrain_steps):
                 z = m.f(z)
         else:
-            z, self.forward_stats = self.gradient.solve(self.forward_solver, m.f, m.z0)
+            spec = self.forward_solver if self.max_iter is None else \
+                dataclasses.replace(self.forward_solver, max_iter=self.max_iter)
+            z, self.forward_stats = self.gradient.solve(spec, m.f, m.z0)
             if self.forward_stats.num_nonfinite:        # NaN/inf weights: name them
                 check_parameters(self.cell, "the forward solve went NaN/inf")
             check_convergence(self.forward_stats, "forward", self.on_fail)
@@ -423,17 +444,19 @@ def find_deq(model: nn.Module) -> DEQ:
 @torch.no_grad()
 def equilibrium(model: nn.Module, inputs: torch.Tensor):
     """Run `model` on `inputs` and return ``(deq, f, z)``: its DEQ, the fixed-point map
-    z ↦ f(z, x) on flat states (batch, D) for the DEQ's own input x (captured with a forward
-    hook), and the flat state the DEQ returned."""
+    z ↦ f(z, x) on flat states (batch, D) for the DEQ's own input x and context (captured with a
+    forward hook; module docstring), and the flat state the DEQ returned."""
     deq = find_deq(model)
     seen = {}
 
-    def capture(module, args, output):
-        seen["x"], seen["z"] = args[0], output
+    def capture(module, args, kwargs, output):
+        seen["x"] = args[0] if args else kwargs["x"]
+        seen["context"] = {k: v for k, v in kwargs.items() if k not in ("x", "z0")}
+        seen["z"] = output
 
-    handle = deq.register_forward_hook(capture)
+    handle = deq.register_forward_hook(capture, with_kwargs=True)
     try:
         model(inputs)
     finally:
         handle.remove()
-    return deq, deq.fixed_point_map(seen["x"]).f, flatten_state(seen["z"])[0]
+    return deq, deq.fixed_point_map(seen["x"], **seen["context"]).f, flatten_state(seen["z"])[0]

@@ -2,16 +2,21 @@
 atomic checkpoints and exact resume; on one CPU, one GPU, or many GPUs and machines.
 
 The loop knows nothing of the task (``deqlite.train.tasks``: images or text answer what it needs)
-and little of the DEQ (``deqlite.train.deq_hooks``: the warm-up, the Jacobian regularizer's
-schedule and the solver's numbers). A step reads straight: the batch of step k, the step's
-seed, the DEQ's knobs for this step, forward, loss (+ γ_t · ‖J‖²_F / d when regularized),
-backward, clip, optimizer and schedule, one record.
+and little of the DEQ (``deqlite.train.deq_hooks``: the learning-rate schedule with its linear
+warm-up, the DEQ's warm-up, the step's forward cap, the Jacobian regularizer's schedule and the
+solver's numbers). A step reads straight: the batch of step k, the task told that step k begins
+(``begin_step``: a text task carries its Transformer-XL memory on from step k − 1), the step's
+seed, the DEQ's knobs for this step (the warm-up depth, the Hutchinson probes, the forward cap
+``max_iter``), forward, loss (+ γ_k · ‖J‖²_F / d when regularized), backward, clip, optimizer and
+schedule, one record. An evaluation tells the task first (``begin_evaluation``); during the
+warm-up it unrolls the cell ``pretrain_eval_depth`` times, when that is set.
 
 Records: every training step logs its loss and the task's quality (accuracy; or bits per token
-and perplexity), ``lr``, ``grad_norm``, throughput, for a DEQ the forward NFE (solving
-z* = f(z*, x)), backward NFE (solving g = Jᵀ g + ∂ℓ/∂z*), the final relative residual,
-``nonfinite`` (samples the solves lost to NaN/inf, counted under any ``on_fail``), ``jac_weight``
-(γ_t) and ``jac_loss`` (when applied). Evaluations (every ``eval_every`` steps, or at the end of
+and perplexity), ``lr``, ``grad_norm``, throughput, for a DEQ ``fwd_cap`` (the step's forward
+iteration cap: the solver's ``max_iter``, a draw around it with ``max_iter_jitter``, during the
+warm-up its depth) and the forward NFE (solving z* = f(z*, x)), backward NFE (solving
+g = Jᵀ g + ∂ℓ/∂z*), the final relative residual, ``nonfinite`` (samples the solves lost to
+NaN/inf, counted under any ``on_fail``), ``jac_weight`` (γ_k) and ``jac_loss`` (when applied). Evaluations (every ``eval_every`` steps, or at the end of
 each epoch) log the held-out loss and quality, mean forward NFE, ``nonfinite``, and ρ(J) and
 ‖J‖²_F / d at z* on the first ``eval_jacobian_samples`` held-out examples.
 
@@ -35,13 +40,15 @@ At scale (the vision recipes):
 Determinism and resume: the model is initialised from ``seed``; the examples of step k and their
 random augmentation are a function of (seed, k) (``deqlite.data.batches``), and the step's own
 random draws (dropout masks, Hutchinson probes) come from torch's generator seeded by
-(seed, k, rank). A checkpoint holds the model, optimizer, schedule, gradient scaler, step and an
-evaluation still due, so a run resumed from it -- at any step, in-memory or streamed data, with
-any ``num_workers``, after a Ctrl-C anywhere (during the optimizer's update it waits for the
-update to finish; during an evaluation the resumed run evaluates first) -- ends exactly where the
-uninterrupted run ends, given the same number of processes (on a GPU, up to the nondeterminism of
-some CUDA kernels). With another number of processes it goes on, but not bit for bit. A text run
-resumes exactly on the same token stream: for ``stdlib_chars``, under the same Python version.
+(seed, k, rank); the forward cap and whether to regularize, from (seed, k). A checkpoint holds the
+model, optimizer, schedule, gradient scaler, step, an evaluation still due and the task's own
+state (``task.state_dict()``, gathered from every process: a text task's memory), so a run
+resumed from it -- at any step, in-memory or streamed data, with any ``num_workers``, after a
+Ctrl-C anywhere (during the optimizer's update it waits for the update to finish; during an
+evaluation the resumed run evaluates first) -- ends exactly where the uninterrupted run ends,
+given the same number of processes (on a GPU, up to the nondeterminism of some CUDA kernels).
+With another number of processes it goes on, but not bit for bit. A text run resumes exactly on
+the same token stream: for ``stdlib_chars``, under the same Python version.
 
 Nothing is lost, nothing silent: a fresh run never touches an existing run's log or checkpoint
 (``overwrite=True`` to replace them); the log is only appended to; checkpoints carry a checksum
@@ -138,13 +145,9 @@ class Trainer:
         return model.to(memory_format=torch.channels_last) if c.channels_last else model
 
     def _decay(self, step: int) -> float:
-        """The learning rate's factor at `step`: cosine from 1 to lr_min / lr, or constant."""
-        c = self.config
-        if c.schedule != "cosine":
-            return 1.0
-        floor = c.lr_min / c.lr
-        return floor + (1 - floor) * 0.5 * (
-            1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+        """The learning rate's factor at `step` (``deq_hooks.lr_factor``: the linear warm-up,
+        then cosine from 1 to lr_min / lr, or constant), over the run's current total steps."""
+        return deq_hooks.lr_factor(self.config, step, self.total_steps)
 
     def _autocast(self):
         dtype = AMP[self.config.amp]
@@ -167,15 +170,22 @@ class Trainer:
         over the processes."""
         c = self.config
         epoch, x, y = self.batches(self.step)
+        if (begin_step := getattr(self.task, "begin_step", None)) is not None:
+            begin_step(self.step)              # e.g. the memory of a text task's segments
         x, y = self.task.inputs(x), y.to(self.device, non_blocking=True)
         torch.manual_seed(deq_hooks.step_seed(c, self.step, self.place.rank))
         warm_up = self.step < c.pretrain_steps
         depth, gamma = deq_hooks.warm_up_depth(c, self.step), self.jac_weight(self.step)
         regularize = self.deq is not None and deq_hooks.jac_reg_now(c, self.step, gamma)
         probes = c.jac_reg_probes if regularize else 0
+        # the step's forward cap: a draw around the solver's max_iter (None: that one itself)
+        drawn = None if self.deq is None else deq_hooks.forward_max_iter(
+            c, self.step, self.deq.forward_solver.max_iter, regularized=regularize)
+        cap = None if self.deq is None else depth if warm_up else \
+            drawn or self.deq.forward_solver.max_iter
         start = time.perf_counter()
         self.model.train()
-        out = self._forward(x, y, depth, probes)
+        out = self._forward(x, y, depth, probes, drawn)
         loss, acc = self.task.loss(out, y)
         jac_loss = self.deq.jac_loss if probes else None
         total = loss if jac_loss is None else loss + gamma * jac_loss
@@ -192,16 +202,21 @@ class Trainer:
                     **self.task.quality(mean_loss / w, acc / w if acc is not None else None),
                     lr=lr, pretrain=warm_up,
                     **self.task.speed(y, w, elapsed),
-                    jac_weight=gamma if c.jac_reg_weight or c.pretrain_jac_reg_weight else None,
+                    jac_weight=gamma if c.jac_reg_weight or c.pretrain_jac_reg_weight
+                    or c.jac_reg_increment else None,
                     jac_loss=mean_jac / w if mean_jac is not None else None,
-                    grad_norm=grad_norm, fwd_nfe=fwd_nfe, bwd_nfe=bwd_nfe,
+                    grad_norm=grad_norm, fwd_cap=cap, fwd_nfe=fwd_nfe, bwd_nfe=bwd_nfe,
                     residual=residual, nonfinite=None if lost is None else int(lost))
 
-    def _forward(self, x, y, depth: int, probes: int):
-        """The model on a training batch. Finite data that the trained model turns into NaN/inf
-        means the training diverged (not that the data is bad): said so."""
+    def _forward(self, x, y, depth: int, probes: int, max_iter: Optional[int] = None):
+        """The model on a training batch (the cell unrolled `depth` times, or solved with at most
+        `max_iter` forward iterations; None: the solver's own cap). Finite data that the trained
+        model turns into NaN/inf means the training diverged (not that the data is bad): said so."""
+        knobs = dict(pretrain_steps=depth, jac_probes=probes)
+        if max_iter is not None:
+            knobs["max_iter"] = max_iter
         try:
-            with self._deq_options(pretrain_steps=depth, jac_probes=probes), self._autocast():
+            with self._deq_options(**knobs), self._autocast():
                 return self.task.forward(self.module if self.ddp is None else self.ddp, x, y)
         except ValueError as e:
             if "NaN" not in str(e) or self.step == 0 or not torch.isfinite(x).all():
@@ -270,8 +285,10 @@ class Trainer:
         c = self.config
         own = split in (None, self.task.held_out)
         dataset = self.test_set if own else self.task.load(split, c.limit_test)
+        if (begin := getattr(self.task, "begin_evaluation", None)) is not None:
+            begin()                            # e.g. a text task's memory starts empty
         self.model.eval()
-        depth = deq_hooks.warm_up_depth(c, self.step)
+        depth = deq_hooks.warm_up_depth(c, self.step, evaluating=True)
         loss = correct = count = nfe = batches = lost = 0.0
         residual: Optional[float] = -math.inf
         start = time.perf_counter()
@@ -389,6 +406,8 @@ class Trainer:
         same state); NaN/inf weights are refused (the previous checkpoint stays)."""
         if not (path := path or self.config.checkpoint_path):
             raise ValueError("no checkpoint path: set config.checkpoint_path or pass path=...")
+        state_dict = getattr(self.task, "state_dict", None)
+        task_state = state_dict() if state_dict is not None else None   # every process: may gather
         if not self.place.is_main:
             return
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
@@ -399,7 +418,8 @@ class Trainer:
                              model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                              scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
                              rng=torch.get_rng_state(), pending_eval=self.pending_eval,
-                             world_size=self.place.world_size, history=self.history), path)
+                             world_size=self.place.world_size, history=self.history,
+                             task=task_state), path)
         self.checkpoint_step = self.step
 
     @classmethod
@@ -423,6 +443,8 @@ class Trainer:
                              f"max_steps={config.max_steps} the run would end at step "
                              f"{trainer.total_steps}, before it. A resumed run can only go on.")
         trainer.model.load_state_dict(state["model"])
+        if (load_task := getattr(trainer.task, "load_state_dict", None)) is not None:
+            load_task(state.get("task"))          # e.g. a text task's memory at that step
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):

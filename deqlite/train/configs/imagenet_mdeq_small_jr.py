@@ -6,11 +6,13 @@ the MDEQ of NeurIPS 2020): a stem that downsamples twice (224 → 56), branches 
 channels (56×56 down to 7×7), head channels 28/56/112/224, final channels 2048, expansion 5,
 GroupNorm with 8 groups, variational dropout 0.02, weight normalization; Broyden with an absolute
 stopping rule (tolerance 1e-3, the code's default), at most 14 forward and 14 backward
-iterations; 510,000 warm-up steps unrolling the cell 5 times; 100 epochs, batch 128
-(4 GPUs × 32), SGD with Nesterov momentum 0.9, lr 0.04 with cosine decay, weight decay 2e-5;
+iterations (on the steps that add the regularizer a forward cap drawn from 14 + U{−2, ..., 1},
+DEQ.RAND_F_THRES_DELTA = 2); 510,000 warm-up steps unrolling the cell 5 times; 100 epochs,
+batch 128 (4 GPUs × 32), SGD with Nesterov momentum 0.9, lr 0.04 with cosine decay, weight decay 2e-5;
 RandomResizedCrop + flip; Jacobian regularization γ = 2.5 on ‖J_f(z*)‖²_F / d (two Gaussian
 probes), applied on a step with probability 0.08, γ growing by 0.1 every 50,000 steps after the
-warm-up, and γ = 0.03 during the warm-up.
+warm-up (LOSS.JAC_INCREMENTAL; counted from the warm-up's end, as MDEQ-Vision's
+``lib/core/cls_function.py`` does), and γ = 0.03 during the warm-up.
 
 Aims for: the JR paper's ImageNet result, MDEQ-small + JR: 74.5 % top-1 at 14 forward NFE,
 17M parameters. This model has 18.62M parameters (2.05M of them in the final linear layer);
@@ -18,10 +20,7 @@ counting the layers that the YAML file describes gives the same.
 
     python -m deqlite.train --config imagenet_mdeq_small_jr
 
-Not expressed here: LOSS.JAC_INCREMENTAL (the locuslab code raises γ by 0.1 every 50,000 DEQ
-steps; deqlite's ``jac_reg_ramp_steps`` is a linear ramp from 0 instead, so it is left at 0 and γ
-starts at 2.5) and DEQ.RAND_F_THRES_DELTA = 2 (a random ±2 on the forward iteration cap on JR
-steps). ``amp="bf16"`` and ``channels_last`` are not published (the paper trained in float32):
+``amp="bf16"`` and ``channels_last`` are not published (the paper trained in float32):
 they are deqlite's choice for speed on current GPUs; set ``--set amp=none`` to match.
 """
 CONFIG = dict(
@@ -46,6 +45,11 @@ CONFIG = dict(
     jac_reg_probes=2,
     jac_reg_ramp_steps=0,
     pretrain_jac_reg_weight=0.03,   # LOSS.PRETRAIN_JAC_LOSS_WEIGHT
+    jac_reg_increment=0.1,          # LOSS.JAC_INCREMENTAL: γ = 2.5 + 0.1 · ⌊(k − 510,000) / 50,000⌋
+    jac_reg_increment_every=50000,
+    jac_reg_increment_rule="vision",
+    max_iter_jitter=2,              # DEQ.RAND_F_THRES_DELTA: forward cap 14 + U{−2..1} on JR steps
+    max_iter_jitter_rule="vision",
     eval_jacobian_samples=8,
     optimizer_options=dict(momentum=0.9, nesterov=True),     # TRAIN.MOMENTUM, TRAIN.NESTEROV
     augment=True,                   # RandomResizedCrop(224) + RandomHorizontalFlip; test:
