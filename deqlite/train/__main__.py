@@ -5,6 +5,7 @@
     python -m deqlite.train --config cifar10_mdeq_tiny --resume        # go on from runs/NAME.pt
     python -m deqlite.train --config mnist --resume --set epochs=8     # train a finished run further
     python -m deqlite.train --config mnist --overwrite                 # start afresh over runs/mnist.*
+    python -m deqlite.train --config wt103_deq_transformer_jr --dry-run   # what it builds, no run
     # one machine with 4 GPUs, one process each (batch_size stays the global batch):
     torchrun --standalone --nproc-per-node 4 -m deqlite.train --config imagenet_mdeq_small_jr \
         --set amp=bf16 --set channels_last=true --set num_workers=8
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from ..data.integrity import DataFileError
+from ..models import count_parameters
 from .checkpoint import files_in_use_message, load_checkpoint, run_files_in_use
 from .config import RESUMABLE, TrainConfig
 from .configs import PRESETS, load_preset
@@ -56,6 +58,9 @@ def _arguments(argv) -> argparse.Namespace:
                         help="JSONL log path (default runs/CONFIG.jsonl); spell it --log-path under "
                              "torchrun, whose own parser takes --log for an abbreviation of its options")
     parser.add_argument("--checkpoint", help="checkpoint path (default runs/CONFIG.pt)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the run (data, model, optimizer), say what it would train, and "
+                             "stop: no training, no file written")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",
                        help="go on with the run whose checkpoint is at --checkpoint")
@@ -101,6 +106,11 @@ def _trainer(args, config: TrainConfig, main_process: bool) -> Trainer | None:
     """The run to train: resumed from its checkpoint, or fresh on free paths; None when a
     resumed run has nothing left to do."""
     log, checkpoint = config.log_path, config.checkpoint_path
+    if args.dry_run and not args.resume:
+        try:
+            return Trainer(config)                  # touches no file until fit()
+        except (FileNotFoundError, DataFileError) as e:
+            raise SystemExit(f"--config {args.config}: {e}") from None
     if not args.resume:
         taken = run_files_in_use(log, checkpoint) if main_process else []
         if taken and not args.overwrite:
@@ -130,7 +140,24 @@ def _trainer(args, config: TrainConfig, main_process: bool) -> Trainer | None:
     return trainer
 
 
-def main(argv=None) -> None:
+def describe(trainer: Trainer) -> str:
+    """One line on what the run trains: the model, its parameters, its DEQ's solvers, and for a
+    language model its positions and memory."""
+    c, model = trainer.config, trainer.model
+    parts = [f"{c.model} on {c.dataset}: {count_parameters(model):,} parameters"]
+    if trainer.deq is not None:
+        parts.append(f"DEQ: {trainer.deq.forward_solver.name} forward (≤ "
+                     f"{trainer.deq.forward_solver.max_iter}), {trainer.deq.backward_rule} backward")
+    if getattr(model, "relative", False):
+        parts.append("relative positions")
+    if getattr(model, "mem_len", 0) or getattr(model, "eval_mem_len", 0):
+        parts.append(f"memory of {model.mem_len} tokens ({model.eval_mem_len} in evaluation)")
+    return "; ".join(parts)
+
+
+def main(argv=None) -> Trainer | None:
+    """Run the command line (`argv`: its arguments, default sys.argv); returns the Trainer (None
+    when a resumed run had nothing left to do)."""
     args = _arguments(argv)
     config = _config(args)
     main_process = Place.from_env().is_main
@@ -138,7 +165,15 @@ def main(argv=None) -> None:
     try:
         trainer = _trainer(args, config, main_process)
         if trainer is None:
-            return
+            return None
+        if main_process:
+            print(describe(trainer), flush=True)
+        if args.dry_run:
+            finished = True
+            if main_process:
+                print(f"dry run: {trainer.total_steps:,} steps of {config.batch_size} would be "
+                      f"trained ({trainer.steps_per_epoch:,} per epoch); nothing was written.")
+            return trainer
         start = time.perf_counter()
         trainer.fit()
         finished = True
@@ -149,6 +184,7 @@ def main(argv=None) -> None:
         print(f"{trainer.task.summary(final)}, forward NFE {final['fwd_nfe']}, "
               f"{time.perf_counter() - start:.1f} s, {trainer.place.world_size} process(es) "
               f"(log: {config.log_path}, checkpoint: {config.checkpoint_path})")
+    return trainer
 
 
 if __name__ == "__main__":
