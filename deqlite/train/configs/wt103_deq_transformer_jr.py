@@ -18,7 +18,7 @@ its regularized weights). The pre-LN variant, ``wt103_deq_transformer_preln_reg.
     python -m deqlite.train --config wt103_deq_transformer_jr
     python -m deqlite.train --config wt103_deq_transformer_jr --set model_options.norm=pre \\
         --set model_options.deq.max_iter=14 --set model_options.deq.backward_max_iter=14 \\
-        --set jac_reg_weight=2.0 --set jac_reg_prob=0.4
+        --set jac_reg_weight=2.0 --set jac_reg_prob=0.4 --set jac_reg_increment_every=30000
 
 Also as in the script: the memory of the previous 300 tokens (``--mem_len 300``), attention
 dropout 0.01, γ raised by 0.1 every 35,000 steps (``--jac_incremental``; ``jac_reg_increment``),
