@@ -543,8 +543,6 @@ class TransformerXLCell(nn.Module):
             raise ValueError(f"memory has shapes z {tuple(z.shape)}, u {tuple(u.shape)}; for this "
                              f"batch they must be (batch={b}, M, {d}) and ({b}, M, {3 * d}). A "
                              f"memory belongs to the rows of the stream it was made on.")
-        if z.dtype != x.dtype or u.dtype != x.dtype:
-            raise TypeError(f"memory is {z.dtype}/{u.dtype} but x is {x.dtype}; they must match.")
 
     def inject(self, x: torch.Tensor, memory: Optional[Memory] = None) -> list:
         """``[U, z_mem, P, masks...]`` for embedded tokens x (batch, T, d) and the memory of the
@@ -558,10 +556,11 @@ class TransformerXLCell(nn.Module):
         if memory is None:
             memory = self.empty_memory(x)
         self._check_memory(memory, x)
-        u = torch.cat([memory.u, self.injection(x)], dim=1)
+        u = self.injection(x)               # the memory takes its dtype (bf16 under autocast)
+        u = torch.cat([memory.u.to(u.dtype), u], dim=1)
         keys = u.shape[1]
         positions = self.r_net(relative_encoding(keys, self.d_model, x))
-        injection = [u, memory.z, positions.view(keys, self.n_heads, self.d_head)]
+        injection = [u, memory.z.to(u.dtype), positions.view(keys, self.n_heads, self.d_head)]
         if self.training and self.dropout:
             injection += [variational_mask(x, self.dropout, (1,)), variational_mask(x, self.dropout, (1,))]
         if self.training and self.dropatt:

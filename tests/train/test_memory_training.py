@@ -49,8 +49,9 @@ def memory_lengths(trainer):
 
 
 def test_the_memory_goes_on_along_each_row_and_restarts_with_it(tmp_path):
+    """(Under bf16 autocast: the memory keeps the dtype the injection has there.)"""
     trainer = Trainer(xl_config(tmp_path, eval_every=0, max_steps=7, checkpoint_path=None,
-                                eval_jacobian_samples=0))
+                                eval_jacobian_samples=0, amp="bf16"))
     assert trainer.steps_per_epoch == 3
     seen = memory_lengths(trainer)
     trainer.fit(progress=False)
