@@ -212,3 +212,11 @@ def test_no_preset_keeps_a_list_of_settings_it_cannot_express():
     for name in PRESETS:
         module = importlib.import_module(f"deqlite.train.configs.{name}")
         assert not hasattr(module, "WANTS"), f"{name} still has WANTS: {sorted(module.WANTS)}"
+
+
+def test_every_preset_says_what_it_follows_and_what_it_aims_for():
+    """A preset's docstring names the published run it follows (or says it follows none) and what
+    it aims for."""
+    for name in PRESETS:
+        doc = importlib.import_module(f"deqlite.train.configs.{name}").__doc__ or ""
+        assert "Follows" in doc and "Aims for" in doc, name

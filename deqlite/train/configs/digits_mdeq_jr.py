@@ -2,6 +2,10 @@
 regularization (Bai, Koltun, Kolter, ICML 2021): notebook 05's exercise 6 and
 ``benchmarks/bench_jr.py --preset digits_mdeq_jr`` (section 5's experiment is ``stdlib_chars_jr``).
 
+Follows the JR paper's MDEQ recipe at toy size; no published run is on the 8×8 digits. Aims for
+the paper's point that JR brings an MDEQ's solves within their cap where the unregularized
+model's stay above it (measured below, with what it shows and what it does not).
+
 MDEQ's recipe at toy size: two branches (16 channels at 8×8, 32 at 4×4; the stem keeps the 8×8
 image), MDEQ's head, Anderson to a relative residual of 1e-3 in at most 15 steps (forward and
 adjoint), and a warm-up of 46 steps (two epochs) that trains the cell unrolled 6 times, as MDEQ

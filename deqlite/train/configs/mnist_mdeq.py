@@ -5,6 +5,10 @@ warm-up steps that unroll the cell 6 times, as MDEQ does, then Jacobian regulari
 times one Hutchinson probe of ‖J‖²_F/d added to the loss on every step after the warm-up, none
 during it (with γ = 0.2 during a 100-step warm-up the map went flat: 10% test accuracy).
 
+Follows MDEQ-Vision's ``cls_mdeq_TINY.yaml`` recipe (warm-up, then JR-regularized solves) shrunk to
+MNIST-5k; no published run is on MNIST. Aims for a CPU run of a few minutes whose test solves
+converge within the cap (measured below: with JR they do, without they do not).
+
 Why the regularizer: without it (``--set jac_reg_weight=0``) nearly every forward solve after the
 warm-up stops at the cap above the tolerance, so the MDEQ is trained with IFT gradients at states
 that are not equilibria. Measured on a 2-core CPU, one thread, the machine heavily loaded by other

@@ -2,6 +2,10 @@
 as it trains, unless Jacobian regularization (Bai, Koltun, Kolter, ICML 2021) holds it: the
 experiment of notebook 05, section 5, and of ``benchmarks/bench_jr.py``.
 
+Follows the JR paper's DEQ-Transformer experiment (with and without JR) at toy size; no published
+run is on this corpus. Aims for the paper's finding: without JR the forward NFE grows through
+training, with it the NFE stays level (measured below, seed by seed).
+
 The paper motivates JR with its large models, the DEQ-Transformer on WikiText-103 among them,
 whose forward NFE climbs through training until solves hit their cap. This is that model
 (``deq_transformer_lm``, notebook 07) shrunk until a run takes about 20 s on one CPU thread: one
