@@ -170,8 +170,7 @@ class Trainer:
         over the processes."""
         c = self.config
         epoch, x, y = self.batches(self.step)
-        if (begin_step := getattr(self.task, "begin_step", None)) is not None:
-            begin_step(self.step)              # e.g. the memory of a text task's segments
+        self.task.begin_step(self.step)        # e.g. the memory of a text task's segments
         x, y = self.task.inputs(x), y.to(self.device, non_blocking=True)
         torch.manual_seed(deq_hooks.step_seed(c, self.step, self.place.rank))
         warm_up = self.step < c.pretrain_steps
@@ -285,8 +284,7 @@ class Trainer:
         c = self.config
         own = split in (None, self.task.held_out)
         dataset = self.test_set if own else self.task.load(split, c.limit_test)
-        if (begin := getattr(self.task, "begin_evaluation", None)) is not None:
-            begin()                            # e.g. a text task's memory starts empty
+        self.task.begin_evaluation()            # e.g. a text task's memory starts empty
         self.model.eval()
         depth = deq_hooks.warm_up_depth(c, self.step, evaluating=True)
         loss = correct = count = nfe = batches = lost = 0.0
@@ -406,8 +404,7 @@ class Trainer:
         same state); NaN/inf weights are refused (the previous checkpoint stays)."""
         if not (path := path or self.config.checkpoint_path):
             raise ValueError("no checkpoint path: set config.checkpoint_path or pass path=...")
-        state_dict = getattr(self.task, "state_dict", None)
-        task_state = state_dict() if state_dict is not None else None   # every process: may gather
+        task_state = self.task.state_dict()              # every process: it may gather
         if not self.place.is_main:
             return
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
@@ -443,8 +440,7 @@ class Trainer:
                              f"max_steps={config.max_steps} the run would end at step "
                              f"{trainer.total_steps}, before it. A resumed run can only go on.")
         trainer.model.load_state_dict(state["model"])
-        if (load_task := getattr(trainer.task, "load_state_dict", None)) is not None:
-            load_task(state.get("task"))          # e.g. a text task's memory at that step
+        trainer.task.load_state_dict(state.get("task"))  # e.g. a text task's memory at that step
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
