@@ -2,6 +2,8 @@
 
     image ──stem──▶ x ──DEQ: z* = f(z*, x)──▶ z* ──head──▶ class scores        (``vision``)
     tokens ──embed──▶ x ──DEQ over a Transformer block──▶ z* ──▶ next-token logits (``language``)
+    tokens ──embed──▶ x ──DEQ over a TrellisNet layer──▶ [h*; c*] ──▶ next-token logits
+                                                                          (``trellisnet``)
 
 ``MODELS`` maps the names the training configs use to the classes; ``build_model(name, **options)``
 builds one with its options validated (an unknown option names the valid ones).
@@ -12,16 +14,19 @@ from torch import nn
 
 from .._validate import check_options, lookup
 from .language import AdaptiveInput, DEQTransformerLM, TransformerLM
+from .trellisnet import DEQTrellisNetLM, TrellisNetLM
 from .vision import (ConvDEQClassifier, DEQClassifier, DEQDecoder, ExplicitClassifier,
                      MDEQClassifier)
 
 MODELS = {"deq_classifier": DEQClassifier, "explicit_classifier": ExplicitClassifier,
           "conv_deq_classifier": ConvDEQClassifier, "mdeq_classifier": MDEQClassifier,
-          "deq_transformer_lm": DEQTransformerLM, "transformer_lm": TransformerLM}
+          "deq_transformer_lm": DEQTransformerLM, "transformer_lm": TransformerLM,
+          "deq_trellisnet_lm": DEQTrellisNetLM, "trellisnet_lm": TrellisNetLM}
 
 __all__ = ["MODELS", "build_model", "count_parameters", "is_language_model", "AdaptiveInput",
            "ConvDEQClassifier", "DEQClassifier", "DEQDecoder", "DEQTransformerLM",
-           "ExplicitClassifier", "MDEQClassifier", "TransformerLM"]
+           "DEQTrellisNetLM", "ExplicitClassifier", "MDEQClassifier", "TransformerLM",
+           "TrellisNetLM"]
 
 
 def build_model(name: str, **options) -> nn.Module:
