@@ -42,8 +42,11 @@ only needs the working tree and its Python environment. Three sections:
 every preset's model shrunk by one rule (every integer option, nested ones included, capped at 8,
 options named ``*heads``/``*groups`` at 2, the adaptive softmax's ``cutoffs`` rescaled into a
 vocabulary of 64; images of at most 2^(downsample + branches - 1) pixels a side, at least 8; windows
-of 8 tokens; batch 2) and one step per variant, and for the notebooks only a check that each
-one's device branch (``device = "cuda" if torch.cuda.is_available() else "cpu"``) is there.
+of 8 tokens; batch 2) and one step per variant (a shrunk variant whose step diverges, NaN loss or
+gradient, says so in its cell and passes: --quick checks that the code path runs; at full size a
+divergence fails), and for the notebooks only a check that each one's device branch
+(``device = "cuda" if torch.cuda.is_available() else "cpu"``) is there. The pytest run of the
+suite's tests is skipped in --quick (its row says so).
 What needs CUDA gets an explicit "skipped: needs CUDA" row on a CPU. Each section is timed; the
 tables are markdown (``--out FILE`` writes them, with the machine, to a report). The exit status
 is 1 when any check fails.
@@ -268,7 +271,8 @@ def check_channels_last() -> str:
     normed = [m for m in convs if hasattr(m, "parametrizations")
               and not m.weight.is_contiguous(memory_format=torch.channels_last)]
     rel = abs(losses[1] - losses[0]) / abs(losses[0])
-    assert rel < 1e-3, f"first loss NCHW {losses[0]:.6f}, NHWC {losses[1]:.6f}"
+    # on CUDA the two layouts run different conv kernels (TF32 by default in cuDNN): a loose bound
+    assert rel < (1e-2 if DEVICE.type == "cuda" else 1e-4), f"first loss NCHW {losses[0]:.6f}, NHWC {losses[1]:.6f}"
     note = f"; note: {len(normed)} weight-normed convs compute an NCHW weight" if normed else ""
     return (f"{len(plain)} plain convs NHWC; first loss {losses[0]:.5f} vs {losses[1]:.5f} "
             f"(rel. {rel:.1e}){note}")
@@ -341,7 +345,8 @@ def check_loader() -> str:
     if DEVICE.type == "cuda":
         assert pinned, "the DataLoader's batch is not in pinned memory"
     losses = [t.train_step()["loss"] for t in (direct, loaded) for _ in range(2)]
-    assert losses[:2] == approx(losses[2:]), f"in memory {losses[:2]}, loader {losses[2:]}"
+    rel = 1e-4 if DEVICE.type == "cuda" else 1e-6            # (CUDA kernels: not bit for bit)
+    assert losses[:2] == approx(losses[2:], rel), f"in memory {losses[:2]}, loader {losses[2:]}"
     return (f"{workers} worker(s), batch pinned: {pinned}; losses of 2 steps equal to the in-memory "
             f"path's ({losses[1]:.5f})")
 
@@ -404,8 +409,9 @@ def check_ddp() -> str:
     losses = [single.train_step()["loss"] for _ in range(2)]
     worst = max((p.cpu() - ranks[0]["model"][k]).abs().max().item()
                 for k, p in single.model.state_dict().items())
-    assert worst < (1e-4 if gpus else 1e-5), f"DDP vs one process: max |Δθ| {worst:.1e}"
-    assert ranks[0]["losses"] == approx(losses, rel=1e-4), (ranks[0]["losses"], losses)
+    assert worst < (1e-3 if gpus else 1e-5), f"DDP vs one process: max |Δθ| {worst:.1e}"   # TF32 convs
+    assert ranks[0]["losses"] == approx(losses, rel=1e-3 if gpus else 1e-5), \
+        (ranks[0]["losses"], losses)
     return (f"2 processes, {backend} on {ranks[0]['device']} / {ranks[1]['device']}: identical "
             f"weights; vs one process on the global batch max |Δθ| {worst:.1e}")
 
