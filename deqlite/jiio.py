@@ -49,8 +49,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ._checks import check_dtypes, check_parameters, check_start, flat_map
 from ._validate import check_range, check_tensor, lookup, strict_options
-from .deq import check_dtypes, check_parameters, check_start, flat_map
 from .projections import CheckedProjection
 from .solvers import AndersonMixer, detach_state, flatten_state, unflatten_state, where_state
 from .stats import DEQNonFiniteWarning, InputOptStats, Snapshot, residuals

@@ -42,7 +42,7 @@ softmax), ``loss(tokens, targets)`` (mean negative log-likelihood per token, in 
 
 Transformer-XL's memory (``positions="relative"``, ``mem_len=M``; Dai et al., ACL 2019, as the
 published DEQ-Transformer uses it). A text is read segment by segment; with ``mem_len`` the
-block's cell is ``deqlite.cells.TransformerXLCell``: relative-position attention, and a memory
+block's cell is ``deqlite.transformer_xl.TransformerXLCell``: relative-position attention, and a memory
 of the last M tokens before the segment (their equilibrium states z* and injections, detached)
 that the segment's queries attend to as well:
 
@@ -67,7 +67,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validate import check_int_list, check_positive_ints, check_range, check_tensor, lookup
-from ..cells import Memory, TransformerCell, TransformerXLCell, check_dropout
+from ..cells import TransformerCell, check_dropout
+from ..transformer_xl import Memory, TransformerXLCell
 from ..deq import DEQ
 
 POSITIONS = ("learned", "sinusoidal", "relative")
@@ -91,6 +92,12 @@ def _check_cutoffs(cutoffs: Sequence[int], vocab_size: int) -> list:
         raise ValueError(f"cutoffs must increase strictly, e.g. [20000, 40000, 200000], got "
                          f"{cutoffs}.")
     return cutoffs
+
+
+def _full_precision(h: torch.Tensor):
+    """Autocast off: torch's adaptive softmax runs in its weights' dtype (under bf16 autocast its
+    clusters' log-probabilities come out in another dtype than its output buffer, which fails)."""
+    return torch.autocast(h.device.type, enabled=False)
 
 
 class AdaptiveInput(nn.Module):
@@ -129,7 +136,7 @@ class AdaptiveInput(nn.Module):
                 out[inside] = F.embedding(ids, table.head.weight)
             else:
                 projection, cluster = table.tail[i - 1]
-                out[inside] = F.embedding(ids, cluster.weight) @ projection.weight
+                out[inside] = (F.embedding(ids, cluster.weight) @ projection.weight).to(out.dtype)
         return out
 
 
@@ -244,7 +251,9 @@ class _LanguageModel(nn.Module):
         h = self.hidden(tokens, memory)
         if self.adaptive is None:
             return self.head(h)
-        return self.adaptive.log_prob(h.reshape(-1, self.d_model)).view(*h.shape[:2], -1)
+        with _full_precision(h):
+            flat = h.reshape(-1, self.d_model).to(self.adaptive.head.weight.dtype)
+            return self.adaptive.log_prob(flat).view(*h.shape[:2], -1)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, memory=None) -> torch.Tensor:
         """Mean negative log-likelihood of ``targets`` (batch, T) per token, in nats (``memory``:
@@ -256,7 +265,9 @@ class _LanguageModel(nn.Module):
         if self.adaptive is None:
             return F.cross_entropy(self(tokens, memory).flatten(0, 1), targets.flatten())
         h = self.hidden(tokens, memory)
-        return self.adaptive(h.reshape(-1, self.d_model), targets.flatten()).loss
+        with _full_precision(h):
+            flat = h.reshape(-1, self.d_model).to(self.adaptive.head.weight.dtype)
+            return self.adaptive(flat, targets.flatten()).loss
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, n_new: int, *, temperature: float = 1.0,

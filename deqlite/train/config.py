@@ -17,6 +17,23 @@ The settings and what they do are the fields below (each with a comment); the gr
   in ``deq_hooks``;
 * bookkeeping: ``seed``, ``device``, ``log_path``, ``checkpoint_path``/``checkpoint_every``,
   ``eval_every``, ``eval_jacobian_samples``.
+
+At scale (the vision recipes), what the trainer does with these settings:
+* ``amp="bf16"`` / ``"fp16"``: the model's forward runs under ``torch.autocast`` (fp16 with a
+  gradient scaler); the loss is taken in float32, the weights stay float32. The solver keeps the
+  state's dtype: on CUDA, autocast runs GroupNorm in float32, so cells that end in it (MDEQ's)
+  keep float32 states; a state rounded to bf16 (on CPU) stalls at a relative residual ~2e-3.
+* ``channels_last``: conv weights and input images in NHWC memory layout (faster convs on GPUs).
+* ``grad_clip``: clip the gradient's global norm (the MDEQ recipes do).
+* Datasets read from disk (ImageNet) stream through a ``DataLoader`` with ``num_workers`` worker
+  processes (pinned memory on CUDA); in-memory ones are indexed directly.
+* Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every process trains on its part of
+  each global batch -- ``batch_size`` is the *global* batch, each of W processes gets
+  batch_size / W -- inside ``DistributedDataParallel``, which averages the gradients: the W
+  processes take the step one process would take on the whole batch (``deqlite.train.distributed``).
+  Logged numbers are combined over the processes (mean loss and accuracy, largest NFE and
+  residual); evaluation is split between them and summed (ρ(J) on rank 0). Only rank 0 writes the
+  log and checkpoints and shows the progress bar.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ from ..data import is_text, load_dataset
 from ..data.batches import StreamBatches, TrainBatches, eval_batches, eval_windows, first_windows
 from ..data.images import first_images, image_shape, num_classes, take
 from ..data.text import bits
-from ..cells import Memory
+from ..transformer_xl import Memory
 from ..models import MODELS, is_language_model
 from .config import TrainConfig
 from .distributed import Place

@@ -1,41 +1,26 @@
 """One training loop for every task: optimizer and schedule, progress bar, metrics, a JSONL log,
 atomic checkpoints and exact resume; on one CPU, one GPU, or many GPUs and machines.
 
-The loop knows nothing of the task (``deqlite.train.tasks``: images or text answer what it needs)
-and little of the DEQ (``deqlite.train.deq_hooks``: the learning-rate schedule with its linear
-warm-up, the DEQ's warm-up, the step's forward cap, the Jacobian regularizer's schedule and the
-solver's numbers). A step reads straight: the batch of step k, the task told that step k begins
-(``begin_step``: a text task carries its Transformer-XL memory on from step k − 1), the step's
-seed, the DEQ's knobs for this step (the warm-up depth, the Hutchinson probes, the forward cap
-``max_iter``), forward, loss (+ γ_k · ‖J‖²_F / d when regularized), backward, clip, optimizer and
-schedule, one record. An evaluation tells the task first (``begin_evaluation``); during the
-warm-up it unrolls the cell ``pretrain_eval_depth`` times, when that is set.
+The loop knows nothing of the task (``deqlite.train.tasks``: images or text answer what it needs;
+``begin_step`` and ``begin_evaluation`` tell it what comes, e.g. so that a text task carries its
+Transformer-XL memory on) and little of the DEQ (``deqlite.train.deq_hooks``: the lr schedule and
+its warm-up, the DEQ's warm-up, the step's forward cap, the Jacobian regularizer's schedule and
+the solver's numbers). A step reads straight: the batch of step k, the step's seed, the DEQ's
+knobs for this step (warm-up depth, Hutchinson probes, forward cap), forward, loss
+(+ γ_k · ‖J‖²_F / d when regularized), backward, clip, optimizer and schedule, one record.
 
 Records: every training step logs its loss and the task's quality (accuracy; or bits per token
-and perplexity), ``lr``, ``grad_norm``, throughput, for a DEQ ``fwd_cap`` (the step's forward
-iteration cap: the solver's ``max_iter``, a draw around it with ``max_iter_jitter``, during the
-warm-up its depth) and the forward NFE (solving z* = f(z*, x)), backward NFE (solving
-g = Jᵀ g + ∂ℓ/∂z*), the final relative residual, ``nonfinite`` (samples the solves lost to
-NaN/inf, counted under any ``on_fail``), ``jac_weight`` (γ_k) and ``jac_loss`` (when applied). Evaluations (every ``eval_every`` steps, or at the end of
-each epoch) log the held-out loss and quality, mean forward NFE, ``nonfinite``, and ρ(J) and
-‖J‖²_F / d at z* on the first ``eval_jacobian_samples`` held-out examples.
+and perplexity), ``lr``, ``grad_norm``, throughput, for a DEQ ``fwd_cap`` (the step's cap: the
+solver's ``max_iter``, a draw around it with ``max_iter_jitter``; the depth in the warm-up), the
+forward NFE (solving z* = f(z*, x)), backward NFE (solving g = Jᵀ g + ∂ℓ/∂z*), the final relative
+residual, ``nonfinite`` (samples the solves lost to NaN/inf, under any ``on_fail``),
+``jac_weight`` (γ_k) and ``jac_loss`` (when applied). Evaluations (every ``eval_every`` steps,
+or at the end of each epoch; in the warm-up unrolled ``pretrain_eval_depth`` times) log the
+held-out loss and quality, mean forward NFE, ``nonfinite``, and ρ(J) and ‖J‖²_F / d at z* on the
+first ``eval_jacobian_samples`` held-out examples.
 
-At scale (the vision recipes):
-* ``amp="bf16"`` / ``"fp16"``: the model's forward runs under ``torch.autocast`` (fp16 with a
-  gradient scaler); the loss is taken in float32, the weights stay float32. The solver keeps the
-  state's dtype: on CUDA, autocast runs GroupNorm in float32, so cells that end in it (MDEQ's)
-  keep float32 states; a state rounded to bf16 (on CPU) stalls at a relative residual ~2e-3.
-* ``channels_last``: conv weights and input images in NHWC memory layout (faster convs on GPUs).
-* ``grad_clip``: clip the gradient's global norm (the MDEQ recipes do).
-* Datasets read from disk (ImageNet) stream through a ``DataLoader`` with ``num_workers`` worker
-  processes (pinned memory on CUDA); in-memory ones are indexed directly.
-* Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every process trains on its part of
-  each global batch -- ``batch_size`` is the *global* batch, each of W processes gets
-  batch_size / W -- inside ``DistributedDataParallel``, which averages the gradients: the W
-  processes take the step one process would take on the whole batch (``deqlite.train.distributed``).
-  Logged numbers are combined over the processes (mean loss and accuracy, largest NFE and
-  residual); evaluation is split between them and summed (ρ(J) on rank 0). Only rank 0 writes the
-  log and checkpoints and shows the progress bar.
+At scale: bf16/fp16 autocast, channels-last, gradient clipping, streamed datasets and
+``torchrun`` (``DistributedDataParallel``): what each does is in ``deqlite.train.config``.
 
 Determinism and resume: the model is initialised from ``seed``; the examples of step k and their
 random augmentation are a function of (seed, k) (``deqlite.data.batches``), and the step's own
@@ -118,7 +103,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.amp == "fp16")
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = min(c.max_steps or math.inf, c.epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: self._decay(s))
+        # the lr factor of step s (deq_hooks.lr_factor: warm-up, then cosine or constant), over the
+        # run's current total steps (a resumed run that trains further stretches the schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: deq_hooks.lr_factor(self.config, s, self.total_steps))
         self.step = 0
         self.history: list[dict] = []
         self.overwrite, self._files_claimed = overwrite, False
@@ -143,11 +131,6 @@ class Trainer:
         options = self.task.model_options(lookup(MODELS, c.model, "model"))
         model = build_model(c.model, **options).to(self.device)
         return model.to(memory_format=torch.channels_last) if c.channels_last else model
-
-    def _decay(self, step: int) -> float:
-        """The learning rate's factor at `step` (``deq_hooks.lr_factor``: the linear warm-up,
-        then cosine from 1 to lr_min / lr, or constant), over the run's current total steps."""
-        return deq_hooks.lr_factor(self.config, step, self.total_steps)
 
     def _autocast(self):
         dtype = AMP[self.config.amp]
@@ -211,11 +194,9 @@ class Trainer:
         """The model on a training batch (the cell unrolled `depth` times, or solved with at most
         `max_iter` forward iterations; None: the solver's own cap). Finite data that the trained
         model turns into NaN/inf means the training diverged (not that the data is bad): said so."""
-        knobs = dict(pretrain_steps=depth, jac_probes=probes)
-        if max_iter is not None:
-            knobs["max_iter"] = max_iter
         try:
-            with self._deq_options(**knobs), self._autocast():
+            with self._deq_options(pretrain_steps=depth, jac_probes=probes, max_iter=max_iter), \
+                    self._autocast():
                 return self.task.forward(self.module if self.ddp is None else self.ddp, x, y)
         except ValueError as e:
             if "NaN" not in str(e) or self.step == 0 or not torch.isfinite(x).all():

@@ -1,4 +1,4 @@
-"""Transformer-XL's memory and relative positions in the language models (deqlite.cells.
+"""Transformer-XL's memory and relative positions in the language models (deqlite.transformer_xl.
 TransformerXLCell, deqlite.models.language): a segment read with the memory of the ones before
 equals the concatenated text read at once; causality with a memory; the IFT gradient with a
 memory against autograd through the unrolled iteration; the memory's length in training and
@@ -7,7 +7,7 @@ z*, so that forward iteration converges and the unrolled gradient is the implici
 import pytest
 import torch
 
-from deqlite.cells import Memory, TransformerXLCell, relative_encoding
+from deqlite.transformer_xl import Memory, TransformerXLCell, relative_encoding
 from deqlite.models import build_model
 
 DT = torch.float64

@@ -18,7 +18,7 @@ embeddings and softmax: 25.2M).
 
     python -m deqlite.train --config wt103_deq_transformer      # needs WikiText-103 and a GPU
 
-The block is ``deqlite.cells.TransformerXLCell``, locuslab's: Transformer-XL's relative-position
+The block is ``deqlite.transformer_xl.TransformerXLCell``, locuslab's: Transformer-XL's relative-position
 attention with the learned global biases (``positions="relative"``), a memory of the equilibrium
 states of the previous 150 tokens (``mem_len``, also in evaluation), the input injected into the
 attention's queries, keys and values, weight norm on the block's maps (``--wnorm``), N(0, 0.01)
