@@ -18,6 +18,7 @@ from ..gradients import neumann_series, Phantom
 from ..jacobian import hutchinson_frobenius
 from ..jiio import augmented_map as jiio_augmented_map
 from ..projections import Box, L2Ball
+from ..trellis import causal_conv as trellis_causal_conv
 
 
 # ---------------------------------------------------------------- notebook 01
@@ -360,6 +361,9 @@ def next_logits(model, tokens, z_prev=None):
         z0[:, :z_prev.shape[1]] = z_prev
     z = model.deq(x, z0)
     return model.head(model.norm(z[:, -1])), z.detach()
+
+
+causal_conv = trellis_causal_conv      # exercise 3: deqlite's own, deqlite.trellis.causal_conv
 
 
 # ---------------------------------------------------------------- notebook 08

@@ -2,6 +2,8 @@
 merged into test_checks.py with the checks)."""
 import torch
 
+import torch.nn.functional as F
+
 from deqlite.classroom import checks, references
 
 # ---- next_logits
@@ -115,7 +117,64 @@ def leak_in_place(model, tokens, t):
     return out
 
 
+# ---- causal_conv
+
+
+def causal_conv(conv, x):
+    k = conv.kernel_size[0]
+    return conv(F.pad(x.transpose(1, 2), (k - 1, 0))).transpose(1, 2)
+
+
+def causal_conv_both_sides(conv, x):
+    """Padding k − 1 on both sides, the first T outputs kept (as TrellisNetLM does)."""
+    k, T = conv.kernel_size[0], x.shape[1]
+    y = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=k - 1)
+    return y[..., :T].transpose(1, 2)
+
+
+def causal_conv_by_shifts(conv, x):
+    """Σ_j W_j x_{t−k+1+j} + b with shifted copies of x, no conv call."""
+    k, T = conv.kernel_size[0], x.shape[1]
+    padded = torch.cat([x.new_zeros(x.shape[0], k - 1, x.shape[2]), x], dim=1)
+    return sum(padded[:, j:j + T] @ conv.weight[:, :, j].T for j in range(k)) + conv.bias
+
+
+def conv_with(conv, x, *, pad=None, mode="constant", keep=None, bias=True, flip=False,
+              back=True):
+    """causal_conv with one thing changed."""
+    k, T = conv.kernel_size[0], x.shape[1]
+    xt = x.transpose(1, 2)
+    xt = F.pad(xt, (k - 1, 0) if pad is None else pad, mode=mode)
+    w = conv.weight.flip(-1) if flip else conv.weight
+    y = F.conv1d(xt, w, conv.bias if bias else None)
+    if keep == "first":
+        y = y[..., :T]
+    elif keep == "last":
+        y = y[..., -T:]
+    return y.transpose(1, 2) if back else y
+
+
+def causal_conv_in_place(conv, x):
+    k = conv.kernel_size[0]
+    x.mul_(1.0)
+    return conv(F.pad(x.transpose(1, 2), (k - 1, 0))).transpose(1, 2)
+
+
 CASES_07 = {
+    "causal_conv": (checks.check_causal_conv, [causal_conv, causal_conv_both_sides,
+                                               causal_conv_by_shifts, references.causal_conv], [
+        (lambda c, x: conv_with(c, x, pad=(0, c.kernel_size[0] - 1)), "zeros went after"),
+        (lambda c, x: conv_with(c, x, pad=(c.kernel_size[0] - 1,) * 2, keep="last"),
+         "the last T outputs were kept"),
+        (lambda c, x: conv_with(c, x, pad=(c.kernel_size[0], 0), keep="first"), "misses x_t"),
+        (lambda c, x: conv_with(c, x, mode="replicate"), "Pad with zeros"),
+        (lambda c, x: conv_with(c, x, bias=False), "bias is missing"),
+        (lambda c, x: conv_with(c, x, flip=True), "kernel is reversed"),
+        (lambda c, x: c(x.transpose(1, 2)).transpose(1, 2), "T − k \\+ 1 positions"),
+        (lambda c, x: conv_with(c, x, back=False), "Transpose the result back"),
+        (causal_conv_in_place, "changed its argument `x` in place"),
+        (lambda c, x: c(F.pad(x, (0, 0, c.kernel_size[0] - 1, 0))), "raised"),
+    ]),
     "next_logits": (checks.check_next_logits, [next_logits, next_logits_cat,
                                                references.next_logits], [
         (lambda m, t, z=None: step(m, t, z, warm=False), "Start the solve from z0 with"),

@@ -198,3 +198,84 @@ def check_next_logits(fn: Callable) -> bool:
     return _passed(name, "the next token's logits and z* from one solve warm-started at "
                    "[z_prev; 0] (fewer evaluations than from zeros), cold with z_prev=None; "
                    "batches of 1 to 3, float32")
+
+
+def _conv_case(k: int, c_in: int, c_out: int, dtype: torch.dtype, seed: int) -> nn.Conv1d:
+    torch.manual_seed(seed)
+    conv = nn.Conv1d(c_in, c_out, k).to(dtype)
+    with torch.no_grad():
+        conv.bias.normal_(0, 1)                   # a bias that matters
+    return conv
+
+
+def _causal_conv_by_hand(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """out_t = b + Σ_j W[:, :, j] x_{t−k+1+j}, with x_s = 0 for s < 0: the definition, written
+    out position by position (independent of deqlite's implementation)."""
+    k, T = conv.kernel_size[0], x.shape[1]
+    out = conv.bias.expand(x.shape[0], T, -1).clone()
+    for t in range(T):
+        for j in range(k):
+            s = t - k + 1 + j
+            if s >= 0:
+                out[:, t] += x[:, s] @ conv.weight[:, :, j].T
+    return out
+
+
+def _conv_variants(conv: nn.Conv1d, x: torch.Tensor) -> dict:
+    """The usual wrong causal convolutions of x (batch, T, C), each with the hint naming it."""
+    k, T = conv.kernel_size[0], x.shape[1]
+    xt = x.transpose(1, 2)
+    pad = nn.functional.pad
+    out = lambda y: y.transpose(1, 2)                                  # noqa: E731
+    return {
+        "Output t reads positions t, ..., t + k − 1: the zeros went after the last position "
+        "(or, padded on both sides, the last T outputs were kept). Pad k − 1 zeros *before* the "
+        "first one (F.pad(x, (k − 1, 0)) on (batch, C, T)), none after, or keep the *first* T "
+        "outputs: a language model must not read ahead.": out(conv(pad(xt, (0, k - 1)))),
+        "Output t reads positions t − k, ..., t − 1 and misses x_t: pad k − 1 zeros, not k (the "
+        "window ends at t itself).": out(conv(pad(xt, (k, 0)))[..., :T]),
+        "Pad with zeros (F.pad's default mode \"constant\"): before the sequence starts there "
+        "is nothing, not a copy of the first position.":
+            out(conv(pad(xt, (k - 1, 0), mode="replicate"))) if T > 1 else x.new_zeros(0),
+        "The bias is missing: call conv(...) itself (or add conv.bias), not only its weight.":
+            out(nn.functional.conv1d(pad(xt, (k - 1, 0)), conv.weight)),
+        "The kernel is reversed: Conv1d correlates, so weight[..., k − 1] multiplies x_t and "
+        "weight[..., 0] multiplies x_{t−k+1}.":
+            out(nn.functional.conv1d(pad(xt, (k - 1, 0)), conv.weight.flip(-1), conv.bias)),
+    }
+
+
+@exercise
+def check_causal_conv(fn: Callable) -> bool:
+    """fn(conv, x) -> the causal convolution of x (batch, T, C): output t reads x_{t−k+1..t}."""
+    name = "causal_conv"
+    general = ("Transpose x to (batch, C, T), pad k − 1 zeros before the first position "
+               "(F.pad(x, (k − 1, 0))), apply conv, and transpose back to (batch, T, C_out).")
+    families = [(2, 3, 8, 2, 7, DT, "kernel size 2 (TrellisNet's), batch 2, T 7"),
+                (3, 4, 5, 1, 6, DT, "kernel size 3, one sequence of 6 positions"),
+                (1, 2, 4, 3, 5, DT, "kernel size 1 (no look-back at all)"),
+                (3, 2, 3, 2, 2, DT, "kernel size 3 on sequences of 2 positions, shorter than it"),
+                (2, 6, 16, 4, 9, torch.float32, "kernel size 2, float32")]
+    g = torch.Generator().manual_seed(7)
+    for seed, (k, c_in, c_out, batch, T, dtype, what) in enumerate(families):
+        conv = _conv_case(k, c_in, c_out, dtype, seed)
+        x = torch.randn(batch, T, c_in, generator=g, dtype=DT).to(dtype)
+        with torch.no_grad():
+            expected = _causal_conv_by_hand(conv, x)
+            variants = _conv_variants(conv, x)
+            got = _call(fn, name, conv, x.clone())
+        where = f"{name} on {what}"
+        if isinstance(got, torch.Tensor) and got.shape != expected.shape:
+            if got.shape == (batch, c_out, T):
+                hint = "Transpose the result back to (batch, T, C_out): positions before channels."
+            elif got.shape[:2] == (batch, T - k + 1) or got.shape[-1] == T - k + 1:
+                hint = ("A convolution without padding returns T − k + 1 positions: pad k − 1 "
+                        "zeros before the first position so that every position has an output.")
+            else:
+                hint = general
+            raise _fail(where, f"expected shape {tuple(expected.shape)} (batch, T, C_out), got "
+                        f"{tuple(got.shape)}.", hint)
+        rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (1e-9, 1e-12)
+        _compare(got, expected, where, _which(got, variants, general), rtol=rtol, atol=atol)
+    return _passed(name, "output t reads x_{t−k+1}, ..., x_t with zeros before the start, "
+                   "kernel sizes 1 to 3 (also longer than the sequence), float32 and float64")
