@@ -32,14 +32,15 @@ lab: install
 lab-instructor: install
 	$(BIN)/jupyter lab $(ROOT_OK) notebooks/
 
-# pytest on tests/ in fast mode (DEQLITE_FAST=1), then every notebook run through nbgrader
+# pytest on tests/ in fast mode (DEQLITE_FAST=1), in 2 processes (pytest-xdist; each test runs on one
+# thread), then every notebook run through nbgrader
 # (tests/classroom/test_nbgrader.py): each solution notebook and its untouched student version
 # executed top to bottom (no cell may fail but the autograder's tests of unwritten exercises, so
 # this is nbval's check too) and a third submission with one planted mistake, autograded, and the
 # gradebook's scores checked. tests/classroom/test_student.py fails if the solution notebooks'
 # nbgrader metadata or notebooks/student/ is out of date.
 test: install
-	DEQLITE_FAST=1 $(BIN)/python -m pytest tests
+	DEQLITE_FAST=1 $(BIN)/python -m pytest -n 2 --durations=15 tests
 	$(BIN)/python -m pytest -m nbgrader tests/classroom/test_nbgrader.py
 
 # The round trip alone. Minutes; DEQLITE_NBGRADER_ONLY=01,09 for a subset,
