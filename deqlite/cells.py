@@ -130,11 +130,18 @@ def variational_mask(like: torch.Tensor, p: float, shared: tuple = (2, 3)) -> to
     return torch.bernoulli(keep) / (1 - p)
 
 
-def check_dropout(dropout: float) -> None:
+def check_dropout(dropout: float, name: str = "dropout") -> None:
     """A dropout rate p in [0, 1) (a rate of 1 would drop everything)."""
-    check_range(dropout, "dropout", low=0, high=1)
+    check_range(dropout, name, low=0, high=1)
     if dropout == 1:
-        raise ValueError("dropout must be below 1 (a rate of 1 drops every channel or feature).")
+        raise ValueError(f"{name} must be below 1 (a rate of 1 would drop everything).")
+
+
+def check_heads(d_model: int, n_heads: int, d_ff: int) -> None:  # a Transformer block's widths
+    check_positive_ints(d_model=d_model, n_heads=n_heads, d_ff=d_ff)
+    if d_model % n_heads:
+        raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads} (each head "
+                         f"gets d_model / n_heads features); change one of them.")
 
 
 class ResidualBlock(nn.Module):
@@ -380,10 +387,7 @@ class TransformerCell(nn.Module):
     def __init__(self, d_model: int, n_heads: int, d_ff: int, *, dropout: float = 0.0,
                  norm: str = "post"):
         super().__init__()
-        check_positive_ints(d_model=d_model, n_heads=n_heads, d_ff=d_ff)
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads} (each head "
-                             f"gets d_model / n_heads features); change one of them.")
+        check_heads(d_model, n_heads, d_ff)
         check_dropout(dropout)
         self.norm_kind = lookup(NORMS, norm, "norm")
         self.d_model, self.n_heads, self.d_ff, self.dropout = d_model, n_heads, d_ff, dropout

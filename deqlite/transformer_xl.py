@@ -16,8 +16,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from ._validate import check_positive_ints, check_range, check_tensor, lookup
-from .cells import NORMS, check_dropout, variational_mask
+from ._validate import check_tensor, lookup
+from .cells import NORMS, check_dropout, check_heads, variational_mask
 
 
 class Memory(NamedTuple):
@@ -84,14 +84,9 @@ class TransformerXLCell(nn.Module):
     def __init__(self, d_model: int, n_heads: int, d_ff: int, *, dropout: float = 0.0,
                  dropatt: float = 0.0, norm: str = "post", weight_norm: bool = False):
         super().__init__()
-        check_positive_ints(d_model=d_model, n_heads=n_heads, d_ff=d_ff)
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads} (each head "
-                             f"gets d_model / n_heads features); change one of them.")
+        check_heads(d_model, n_heads, d_ff)
         check_dropout(dropout)
-        check_range(dropatt, "dropatt", low=0, high=1)
-        if dropatt == 1:
-            raise ValueError("dropatt must be below 1 (a rate of 1 drops every attention weight).")
+        check_dropout(dropatt, "dropatt")
         if not isinstance(weight_norm, bool):
             raise TypeError(f"weight_norm must be True or False, got {weight_norm!r}.")
         self.norm_kind = lookup(NORMS, norm, "norm")
