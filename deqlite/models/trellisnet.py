@@ -160,10 +160,11 @@ class TrellisNetLM(_TrellisLM):
         if self.training and self.dropout_hidden:                # one mask for every layer
             keep = torch.bernoulli(x.new_full((n, d, 1), 1 - self.dropout_hidden))
             keep = keep / (1 - self.dropout_hidden)
-        for _ in range(self.n_layers):
-            a = self.conv(torch.cat([x, keep * h], dim=1))[:, :, :length]
-            gate_i, gate_o, gate_g, gate_f = a.split(d, dim=1)
-            c_before = torch.cat([c.new_zeros(n, d, 1), c[:, :, :-1]], dim=2)   # c_{t−1}
-            c = torch.sigmoid(gate_f) * c_before + torch.sigmoid(gate_i) * torch.tanh(gate_g)
-            h = torch.sigmoid(gate_o) * torch.tanh(c)
+        with nn.utils.parametrize.cached():      # the weight-normed W once, not once per layer
+            for _ in range(self.n_layers):
+                a = self.conv(torch.cat([x, keep * h], dim=1))[:, :, :length]
+                gate_i, gate_o, gate_g, gate_f = a.split(d, dim=1)
+                c_before = torch.cat([c.new_zeros(n, d, 1), c[:, :, :-1]], dim=2)   # c_{t−1}
+                c = torch.sigmoid(gate_f) * c_before + torch.sigmoid(gate_i) * torch.tanh(gate_g)
+                h = torch.sigmoid(gate_o) * torch.tanh(c)
         return torch.cat([h, c], dim=1).transpose(1, 2)         # (batch, T, 2·d_hidden)
