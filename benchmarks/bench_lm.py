@@ -202,8 +202,8 @@ def saved_by_part(model, tokens: torch.Tensor, targets: torch.Tensor, memory=Non
     the weight-normalized weights they compute) and ``rest`` (embedding, output layer).
     ``cache_weights``: compute each weight-normalized weight once for the whole loss
     (``torch.nn.utils.parametrize.cached``), as locuslab's TrellisNet does for its weight-tied
-    layers; without it ``TrellisNetLM`` recomputes, and autograd keeps, its 8,000 × 2,500 × 2
-    weight once per layer (160 MB each, 11 GB at 70 layers)."""
+    layers (``TrellisNetLM`` now does so itself; before, it recomputed, and autograd kept, its
+    8,000 × 2,500 × 2 weight once per layer: 160 MB each, 11 GB at 70 layers)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen, part = {}, ["rest"]
     body = model._body
