@@ -113,7 +113,7 @@ def forward_max_iter(config: TrainConfig, step: int, max_iter: int, *,
                                                  and not regularized):
         return None
     count = jitter + 1 + (c.max_iter_jitter_rule == "vision")       # caps M − J ... M (+ 1)
-    u = torch.rand(2, generator=torch.Generator().manual_seed(c.seed * 7919 + step))[1].item()
+    u = step_uniform(c, step, 1)
     return max(1, max_iter - jitter + min(int(u * count), count - 1))
 
 
@@ -147,8 +147,14 @@ def jac_reg_now(config: TrainConfig, step: int, weight: float) -> bool:
     makes the same draws."""
     if weight == 0:
         return False
-    draw = torch.rand(1, generator=torch.Generator().manual_seed(config.seed * 7919 + step))
-    return draw.item() < config.jac_reg_prob
+    return step_uniform(config, step, 0) < config.jac_reg_prob
+
+
+def step_uniform(config: TrainConfig, step: int, index: int) -> float:
+    """Uniform draw number `index` of the generator seeded by (seed, step), the same in every
+    process and in a resumed run: 0 decides the Jacobian regularizer, 1 the forward cap."""
+    generator = torch.Generator().manual_seed(config.seed * 7919 + step)
+    return torch.rand(index + 1, generator=generator)[index].item()
 
 
 def step_seed(config: TrainConfig, step: int, rank: int) -> int:
