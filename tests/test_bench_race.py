@@ -36,16 +36,17 @@ def test_both_racers_reach_the_target_and_the_deq_counts_its_solves(quick_run):
     for cells in (deq, explicit):
         assert cells[2] == "yes" and int(cells[3]) > 0 and float(cells[5]) > 0
         assert float(cells[-1].rstrip("%")) >= 85
-    assert float(explicit[9]) == 1.0                       # one f-shaped layer per step
+    assert float(explicit[10]) == 1.0                      # one f-shaped layer per step
     # forward NFE + adjoint NFE + 1 + JR's 2 on every step (jac_reg_prob = 1)
-    assert float(deq[10]) >= 1 and float(deq[11]) >= 1
-    assert float(deq[9]) == pytest.approx(float(deq[10]) + float(deq[11]) + 3, abs=0.15)
+    assert float(deq[11]) >= 1 and float(deq[12]) >= 1
+    assert float(deq[10]) == pytest.approx(float(deq[11]) + float(deq[12]) + 3, abs=0.15)
 
 
 def test_the_ratio_and_the_breakdown_are_printed(quick_run):
     out = quick_run.stdout
     match = re.search(r"wall time of the training steps to 85%: ([0-9.]+)× \(per seed: ", out)
     assert match and 0 < float(match.group(1)) < 100, out
+    assert re.search(r"steps × median step time .*: [0-9.]+× \(per seed: ", out), out
     lines = [line for line in out.splitlines() if line.startswith("| 0 | ")]
     assert len(lines) == 1, out
     cells = lines[0].strip("|").split("|")[1:]
