@@ -1,16 +1,29 @@
-"""deqlite against TorchDEQ 0.1.0: solver NFE and time to a tolerance, gradient rules' error and cost.
+"""deqlite against TorchDEQ 0.1.0: solver NFE and time to a tolerance, per-step overhead, and the
+gradient rules' error and cost.
 
-    .venv/bin/python benchmarks/bench_solvers.py                 # width 256, batch 64: ~20 s
-    .venv/bin/python benchmarks/bench_solvers.py --quick         # width 64, batch 16: ~5 s
+    .venv/bin/python benchmarks/bench_solvers.py --repeats 5     # everything: ~7 min
+    .venv/bin/python benchmarks/bench_solvers.py --quick         # smoke run, small sizes: ~12 s
+    .venv/bin/python benchmarks/bench_solvers.py --overhead      # the overhead table only: ~2 min
+    .venv/bin/python benchmarks/bench_solvers.py --regimes conv multiscale --skip-gradients
     .venv/bin/pip install -e ".[bench]"                          # TorchDEQ: torchdeq==0.1.0
 
-One cell, f(z, x) = tanh(W z + U x + b) (``deqlite.MLPCell``, U = I, b = 0), width 256, batch 64,
-in three regimes:
+The problems (``benchmarks/_solver_problems.py``). The tanh cell f(z, x) = tanh(W z + U x + b)
+(``deqlite.MLPCell``, U = I, b = 0), width 256, batch 64, in seven regimes:
 
   (a) gaussian:   W Gaussian, rescaled to spectral norm 0.9; inputs x ~ N(0, 1)
   (b) orthogonal: W = 0.95 × a random orthogonal matrix; inputs x ~ N(0, 1)
   (c) symmetric:  W symmetric with spectrum linspace(0, 0.97); inputs 0.01 · N(0, 1) (tanh stays
                   linear, so ρ(J) ≈ 0.97: the slow case)
+  (d) near_orthogonal_<ρ>_x<s>, ρ ∈ {0.99, 0.999}, s ∈ {0.01, 0.1}: W = ρ Q, Q random orthogonal,
+      inputs s · N(0, 1). With small inputs tanh stays nearly linear and J ≈ ρ Q has every
+      eigenvalue on the circle of radius ρ: no eigenvalue is small, none is real-and-close-to-1
+      that an extrapolation could single out: the hardest case for every solver. These get
+      max_iter ≥ 1.2 · ln(tol) / ln(ρ) (11 047 for ρ = 0.999), enough for plain iteration.
+
+and two convolutional cells, scaled to be contractions (at PyTorch's default init they are
+barely or not at all): ``ConvCell(3, 16)`` on 16×16 maps (ρ(J) ≈ 0.8), and
+``MultiscaleCell(3, [16, 32])`` on 16×16 + 8×8 (ρ(J) ≈ 0.85), whose list state both libraries
+solve as one flat tensor through the same flatten/unflatten wrapper; batch 16 for both.
 
 Both libraries get the very same f (one Python function around the same module), the same
 tolerance and stopping rule (relative residual ‖f(z) − z‖ / ‖f(z)‖ ≤ tol for every sample of the
@@ -19,18 +32,34 @@ batch; both stop when the whole batch is there), the same max_iter, and Anderson
 is counted by a wrapper around f (so NFE means the same in both), and every vector–Jacobian
 product of an adjoint solve by a wrapper around ``torch.autograd.grad``.
 
-1. Forward solves (no graph): NFE, median wall time, the worst relative residual of what each
-   solver returned (recomputed here), and time ratios against TorchDEQ's same solver.
-2. Gradient rules (Anderson forward solve, one training step: forward + backward of
-   ℓ = ⟨c, z⟩ + ½‖z‖²): f calls, adjoint VJPs, median time, and the relative error of ∂ℓ/∂θ
-   (W, U, b) and ∂ℓ/∂x against autograd through a long unrolled iteration in float64 (enough
-   steps for ‖W‖₂ⁿ < 1e-13). deqlite: ift, jfb, phantom (k 5, τ 0.5), neumann (k 5), unrolled;
-   TorchDEQ: ift (``ift=True``, its ``torch.autograd.Function`` version), 1-step gradient
-   (``grad=1``: JFB), phantom (``grad=5, tau=0.5``). Ratios against deqlite's IFT.
+1. Forward solves (no graph), every regime: NFE, median wall time, the worst relative residual
+   of what each solver returned (recomputed here), time ratios against TorchDEQ's same solver,
+   NFE against TorchDEQ's fewest (among its solves that reached tol).
+2. Overhead (``--overhead`` alone, or part of the default run): each solver with tol = 0 and
+   max_iter N (``--overhead-steps``, 200), against a bare Python loop ``z = f(z)`` N times (the
+   physical limit: the f evaluations alone), on the symmetric tanh cell at width 64 and 256
+   (batch 64) and on the conv cell. The ratio to the bare loop and the µs per step beyond it are
+   each solver's own cost. TorchDEQ's broyden evaluates f N + 1 times (one before its loop),
+   which the NFE column shows; the "beyond the loop" column charges the bare loop's per-f cost
+   for each extra evaluation. TorchDEQ's broyden also keeps all N rank-one pairs (memory =
+   max_iter), so its cost per step grows with the step; deqlite's keeps 50 and restarts.
+3. Gradient rules (Anderson forward solve, one training step: forward + backward of
+   ℓ = ⟨c, z⟩ + ½‖z‖²), regimes (a)–(c) only: f calls, adjoint VJPs, median time, and the
+   relative error of ∂ℓ/∂θ (W, U, b) and ∂ℓ/∂x against autograd through a long unrolled
+   iteration in float64 (enough steps for ‖W‖₂ⁿ < 1e-13). deqlite: ift, jfb, phantom (k 5,
+   τ 0.5), neumann (k 5), unrolled; TorchDEQ: ift (``ift=True``, its ``torch.autograd.Function``
+   version), 1-step gradient (``grad=1``: JFB), phantom (``grad=5, tau=0.5``). Ratios against
+   deqlite's IFT.
 
-Runs without TorchDEQ too (its rows are then skipped, with a note). Times are medians of
---repeats runs after one untimed run, on --threads CPU threads (default 1: on a machine shared
-with other jobs a multi-threaded op waits for a descheduled thread at every barrier).
+Every timing comparison is interleaved: one warm-up call of each contestant, then --repeats
+rounds in which each runs once, in round-robin order (the starting contestant rotates from round
+to round), and the median per contestant; so a burst of load from another job hits every column
+alike. Runs without TorchDEQ too (its rows are then skipped, with a note). On --threads CPU
+threads (default 1: on a machine shared with other jobs a multi-threaded op waits for a
+descheduled thread at every barrier). ``--quick`` (a smoke run of every code path): width 64,
+batch 16, the conv cells at batch 2, 3 repeats, regimes gaussian, near_orthogonal_0.99_x0.1,
+conv and multiscale (so gradients on gaussian only), the overhead table at width 64 and on the
+conv cell with 30 steps.
 """
 from __future__ import annotations
 
@@ -38,12 +67,17 @@ import argparse
 import contextlib
 import importlib.metadata
 import math
+import statistics
+import time
 import warnings
+from typing import Callable, Hashable
 
 import torch
 
-from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
-from deqlite import DEQ, MLPCell, solve
+from _solver_problems import (CELL_REGIMES, GRADIENT_REGIMES, REGIMES,  # benchmarks/
+                              conv_problem, get_problem, make_problem, mlp_problem,
+                              spectral_radius)
+from deqlite import DEQ, solve
 
 try:
     from torchdeq import get_deq
@@ -59,31 +93,7 @@ DEQLITE_RULES = [("ift", None), ("jfb", None), ("phantom", {"k": 5, "tau": 0.5})
                  ("neumann", {"k": 5}), ("unrolled", None)]
 TORCHDEQ_RULES = [("ift", dict(ift=True)), ("jfb", dict(grad=1, tau=1.0)),
                   ("phantom", dict(grad=5, tau=0.5))]
-
-
-def make_problem(regime: str, width: int, batch: int, dtype=torch.float32, seed: int = 0):
-    """``(cell, x, c)`` for the regime: the tanh cell, its input and the loss' direction c."""
-    g = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    if regime == "gaussian":
-        W = randn(width, width)
-        W = 0.9 * W / torch.linalg.matrix_norm(W, ord=2)
-        x = randn(batch, width)
-    elif regime == "orthogonal":
-        W = 0.95 * torch.linalg.qr(randn(width, width))[0]
-        x = randn(batch, width)
-    elif regime == "symmetric":
-        Q = torch.linalg.qr(randn(width, width))[0]
-        W = (Q * torch.linspace(0, 0.97, width, dtype=torch.float64)) @ Q.T
-        x = 0.01 * randn(batch, width)
-    else:
-        raise ValueError(f"unknown regime {regime!r}")
-    cell = MLPCell(width, width).to(dtype)
-    with torch.no_grad():
-        cell.W.weight.copy_(W)
-        cell.U.weight.copy_(torch.eye(width))
-        cell.U.bias.zero_()
-    return cell, x.to(dtype), randn(batch, width).to(dtype)
+QUICK_REGIMES = ["gaussian", "near_orthogonal_0.99_x0.1", "conv", "multiscale"]
 
 
 class Counter:
@@ -113,59 +123,157 @@ def counting_vjps():
 
 
 def worst_rel_residual(f, z) -> float:
+    """max over the batch of ‖f(z) − z‖ / ‖f(z)‖, for a state of any shape (batch, ...)."""
     with torch.no_grad():
         fz = f(z)
-        return ((fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)).max().item()
+        res = (fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9)
+        return res.max().item()
+
+
+def interleaved_medians(runs: dict[Hashable, Callable[[], object]], repeats: int) -> dict:
+    """``{name: median wall time}`` of each callable of ``runs`` (name → callable): one untimed
+    warm-up call each, then ``repeats`` rounds in which every callable runs once, round-robin,
+    the first one of a round rotating (so no contestant always follows the same neighbour)."""
+    names = list(runs)
+    for name in names:
+        runs[name]()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def solver_runs(z0, tol, max_iter):
+    """``[(library, solver, run)]``: each solver as ``run(f) -> z``, deqlite's and TorchDEQ's
+    alternating (TorchDEQ's only where it is installed)."""
+    runs = []
+    for ours, our_opts, theirs, their_opts in SOLVER_PAIRS:
+        def run_ours(f, name=ours, opts=our_opts):
+            return solve(f, z0, solver=name, tol=tol, max_iter=max_iter, stop="rel", **opts)[0]
+        runs.append(("deqlite", ours, run_ours))
+        if TORCHDEQ is not None:
+            def run_theirs(f, solver=torchdeq_solver(theirs), opts=their_opts):
+                return solver(f, z0, max_iter=max_iter, tol=tol, stop_mode="rel", **opts)[0]
+            runs.append(("TorchDEQ", theirs, run_theirs))
+    return runs
 
 
 # ----------------------------------------------------------------------------- forward solves
 
-def forward_rows(regime, width, batch, tol, max_iter, repeats):
-    cell, x, _ = make_problem(regime, width, batch)
+def forward_rows(problem, tol, max_iter, repeats):
+    """One row per solver: NFE (counted), the returned z's worst residual, the median time
+    (interleaved over all six solvers)."""
+    f, rows, runs = problem.f, [], {}
     with torch.no_grad():
-        inj = cell.inject(x)
-    f = lambda z: cell(z, inj)                                            # noqa: E731
-    z0 = torch.zeros(batch, width)
-    rows = []
-    for ours, our_opts, theirs, their_opts in SOLVER_PAIRS:
-        def run_ours(f, name=ours, opts=our_opts):
-            return solve(f, z0, solver=name, tol=tol, max_iter=max_iter, stop="rel", **opts)[0]
-        rows.append(measure("deqlite", ours, run_ours, f, repeats))
-        if TORCHDEQ is None:
-            continue
-
-        def run_theirs(f, solver=torchdeq_solver(theirs), opts=their_opts):
-            return solver(f, z0, max_iter=max_iter, tol=tol, stop_mode="rel", **opts)[0]
-        rows.append(measure("TorchDEQ", theirs, run_theirs, f, repeats))
+        for library, solver, run in solver_runs(problem.z0, tol, max_iter):
+            counter = Counter(f)
+            z = run(counter)
+            rows.append(dict(library=library, solver=solver, nfe=counter.calls,
+                             residual=worst_rel_residual(f, z)))
+            runs[library, solver] = lambda run=run: run(f)
+        times = interleaved_medians(runs, repeats)
+    for r in rows:
+        r["t"] = times[r["library"], r["solver"]]
     return rows
 
 
-def measure(library, solver, run, f, repeats):
-    """NFE (counted), the returned z's worst residual, and the median time of ``run(f)``."""
-    counter = Counter(f)
-    with torch.no_grad():
-        z = run(counter)
-        t = median_time(lambda: run(f), repeats)
-    return dict(library=library, solver=solver, nfe=counter.calls, residual=worst_rel_residual(f, z),
-                t=t)
-
-
-def print_forward(regime, rows, tol):
-    print(f"\n### ({regime}) forward solve to rel. residual {tol:g}\n")
+def print_forward(problem, rows, tol, max_iter, rho=None):
+    extra = f", ρ(J) ≈ {rho:.2f} at the solution (power iteration)" if rho else ""
+    print(f"\n### ({problem.name}) forward solve to rel. residual {tol:g}: {problem.description}, "
+          f"max_iter {max_iter}{extra}\n")
     print("| library | solver | NFE | worst rel. residual | reached tol | median (ms) | time vs "
           "TorchDEQ's same solver | NFE vs TorchDEQ's best |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     theirs = {r["solver"]: r for r in rows if r["library"] == "TorchDEQ"}
     pair = {ours: theirs_name for ours, _, theirs_name, _ in SOLVER_PAIRS}
-    their_best = min((r["nfe"] for r in theirs.values() if r["residual"] <= tol * (1 + 1e-3)),
-                     default=None)                      # TorchDEQ's fewest NFE among its solves that got there
+    reached = lambda r: r["residual"] <= tol * (1 + 1e-3)          # noqa: E731
+    their_best = min((r["nfe"] for r in theirs.values() if reached(r)), default=None)
     for r in rows:
         ref = theirs.get(pair.get(r["solver"], r["solver"])) if r["library"] == "deqlite" else r
         vs = f"{r['t'] / ref['t']:.2f}" if ref else "-"
         best = f"{r['nfe'] / their_best:.2f}" if their_best else "-"
-        reached = "yes" if r["residual"] <= tol * (1 + 1e-3) else "NO"
-        print(f"| {r['library']} | {r['solver']} | {r['nfe']} | {r['residual']:.1e} | {reached} | "
-              f"{r['t'] * 1e3:.1f} | {vs} | {best} |")
+        print(f"| {r['library']} | {r['solver']} | {r['nfe']} | {r['residual']:.1e} | "
+              f"{'yes' if reached(r) else 'NO'} | {r['t'] * 1e3:.1f} | {vs} | {best} |")
+    broyden = theirs.get("broyden")
+    if broyden and max_iter > 1000:
+        pairs_gb = 2 * problem.z0[0].numel() * len(problem.z0) * max_iter * 4 / 1e9
+        print(f"\nTorchDEQ's broyden keeps every rank-one pair (its LBFGS_thres defaults to "
+              f"max_iter) and allocates them up front: {pairs_gb:.2f} GB of zeros per solve here, "
+              f"part of its time; deqlite's keeps 50 and restarts.")
+
+
+def forward_section(regimes, width, batch, cell_batch, tol, max_iter, repeats):
+    print("\n## Forward solves")
+    for regime in regimes:
+        problem = get_problem(regime, width, batch, cell_batch)
+        n = max(max_iter, problem.max_iter_for(tol))
+        rows = forward_rows(problem, tol, n, repeats)
+        rho = None
+        if regime in CELL_REGIMES:
+            with torch.no_grad():
+                z = solve(problem.f, problem.z0, solver="anderson", tol=tol, max_iter=n, m=6)[0]
+            rho = spectral_radius(problem.f, z)
+        print_forward(problem, rows, tol, n, rho)
+
+
+# ----------------------------------------------------------------------------- overhead
+
+def overhead_rows(problem, steps, repeats):
+    """The bare loop ``z = f(z)`` ``steps`` times and every solver at tol 0, max_iter ``steps``,
+    timed interleaved; NFE counted per contestant."""
+    f, z0 = problem.f, problem.z0
+
+    def bare_loop(f):
+        z = z0
+        for _ in range(steps):
+            z = f(z)
+        return z
+    contestants = [("python", "bare loop z = f(z)", bare_loop),
+                   *solver_runs(z0, 0.0, steps)]
+    rows, runs = [], {}
+    with torch.no_grad():
+        for library, solver, run in contestants:
+            counter = Counter(f)
+            run(counter)
+            rows.append(dict(cell=problem.description, library=library, solver=solver,
+                             nfe=counter.calls))
+            runs[library, solver] = lambda run=run: run(f)
+        times = interleaved_medians(runs, repeats)
+    for r in rows:
+        r["t"] = times[r["library"], r["solver"]]
+    return rows
+
+
+def print_overhead(tables, steps):
+    """One table: per cell, its bare loop first, then the solvers against it."""
+    print("| cell | library | solver | NFE | median (ms) | µs per step | ratio to the bare loop | "
+          "µs per step beyond the loop |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for rows in tables:
+        bare = rows[0]
+        per_f = bare["t"] / bare["nfe"]                              # the bare loop's cost of one f
+        for r in rows:
+            nfe = f"{r['nfe']}" + ("" if r["nfe"] == steps else f" (≠ {steps})")
+            beyond = (r["t"] - per_f * r["nfe"]) / steps
+            print(f"| {r['cell']} | {r['library']} | {r['solver']} | {nfe} | {r['t'] * 1e3:.1f} | "
+                  f"{r['t'] / steps * 1e6:.0f} | {r['t'] / bare['t']:.2f} | {beyond * 1e6:.0f} |")
+
+
+def overhead_section(steps, repeats, cell_batch, widths=(64, 256)):
+    print(f"\n## Overhead: {steps} steps at tol 0 against a bare loop of {steps} f calls\n")
+    print("Symmetric-regime tanh cell (batch 64) and the conv cell. \"µs per step\": median / "
+          f"{steps}; \"beyond the loop\": (median − NFE × the bare loop's time per f) / {steps}, "
+          "the solver's own cost per step.\n")
+    problems = [mlp_problem("symmetric", w, 64) for w in widths] + [conv_problem(cell_batch)]
+    print_overhead([overhead_rows(problem, steps, repeats) for problem in problems], steps)
+    if TORCHDEQ is not None:
+        print(f"\nTorchDEQ's broyden evaluates f once before its loop ({steps} + 1) and keeps all "
+              f"{steps} rank-one pairs (its memory is max_iter), so its cost per step grows with "
+              f"the step; deqlite's broyden keeps 50 pairs and restarts.")
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -192,15 +300,17 @@ def rel(a, b):
 
 
 def gradient_rows(regime, width, batch, tol, max_iter, repeats):
+    """One row per rule: counts and errors from one step each, then all steps timed
+    interleaved (every step zeroes the gradients it accumulates first)."""
     ref_theta, ref_x, n_unrolled = reference_grads(regime, width, batch)
     cell, x, c = make_problem(regime, width, batch)
     x.requires_grad_()
-    rows = []
+    rows, steps = [], {}
     for rule, options in DEQLITE_RULES:
         deq = DEQ(cell, solver="anderson", solver_options={"m": 6}, tol=tol, max_iter=max_iter,
                   backward=rule, backward_options=options, backward_tol=tol, on_fail="ignore")
         rows.append(step_row("deqlite", rule, options, lambda deq=deq: deq(x), cell, x, c,
-                             repeats, ref_theta, ref_x))
+                             ref_theta, ref_x, steps))
     if TORCHDEQ is not None:
         for rule, options in TORCHDEQ_RULES:
             deq = get_deq(core="sliced", f_solver="anderson", f_max_iter=max_iter, f_tol=tol,
@@ -213,12 +323,17 @@ def gradient_rows(regime, width, batch, tol, max_iter, repeats):
                 return deq(lambda z: cell(z, inj), torch.zeros_like(inj),
                            solver_kwargs={"m": 6})[0][-1]
             label = {k: v for k, v in options.items() if k != "ift"}
-            rows.append(step_row("TorchDEQ", rule, label or None, forward, cell, x, c, repeats,
-                                 ref_theta, ref_x))
+            rows.append(step_row("TorchDEQ", rule, label or None, forward, cell, x, c,
+                                 ref_theta, ref_x, steps))
+    times = interleaved_medians(steps, repeats)
+    for r in rows:
+        r["t"] = times[r["library"], r["rule"]]
     return rows, n_unrolled
 
 
-def step_row(library, rule, options, forward, cell, x, c, repeats, ref_theta, ref_x):
+def step_row(library, rule, options, forward, cell, x, c, ref_theta, ref_x, steps):
+    """Run one training step with f calls and VJPs counted and its gradients checked; add the
+    step to ``steps`` for the timing."""
     original_forward, calls = cell.forward, [0]
 
     def counted(*args, **kwargs):
@@ -237,11 +352,11 @@ def step_row(library, rule, options, forward, cell, x, c, repeats, ref_theta, re
     finally:
         del cell.forward
     grad_theta = torch.cat([p.grad.flatten() for p in cell.parameters()])
-    err_theta, err_x = rel(grad_theta, ref_theta), rel(x.grad, ref_x)
-    t = median_time(step, repeats)
     opts = ", ".join(f"{k} {v}" for k, v in (options or {}).items())
-    return dict(library=library, rule=rule + (f" ({opts})" if opts else ""), f_calls=calls[0],
-                vjps=vjps[0], t=t, err_theta=err_theta, err_x=err_x)
+    label = rule + (f" ({opts})" if opts else "")
+    steps[library, label] = step
+    return dict(library=library, rule=label, f_calls=calls[0], vjps=vjps[0],
+                err_theta=rel(grad_theta, ref_theta), err_x=rel(x.grad, ref_x))
 
 
 def print_gradients(regime, rows, n_unrolled):
@@ -259,35 +374,77 @@ def print_gradients(regime, rows, n_unrolled):
               f"{r['err_theta']:.1e} | {r['err_x']:.1e} | {r['t'] / base['t']:.2f} | {vs} |")
 
 
-def main():
+# ----------------------------------------------------------------------------- command line
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def tolerance(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a relative tolerance must be in (0, 1), got {text}")
+    return value
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="width 64, batch 16, 3 repeats")
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--tol", type=float, default=1e-4)
-    parser.add_argument("--max-iter", type=int, default=500)
-    parser.add_argument("--regimes", nargs="+", default=["gaussian", "orthogonal", "symmetric"],
-                        choices=["gaussian", "orthogonal", "symmetric"])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: width 64, batch 16, conv cells at batch 2, 30 overhead "
+                             "steps, 3 repeats, fewer slow regimes")
+    parser.add_argument("--repeats", type=positive_int, default=9)
+    parser.add_argument("--tol", type=tolerance, default=1e-4)
+    parser.add_argument("--max-iter", type=positive_int, default=500,
+                        help="max_iter of every solve (the near-orthogonal regimes get more)")
+    parser.add_argument("--regimes", nargs="+", choices=REGIMES, default=None,
+                        help="forward-solve regimes (default: all; with --quick a subset); the "
+                             "gradient section runs on those of " + ", ".join(GRADIENT_REGIMES))
+    parser.add_argument("--overhead", action="store_true",
+                        help="only the overhead table (the default run includes it)")
+    parser.add_argument("--overhead-steps", type=positive_int, default=None,
+                        help="f evaluations per overhead run (default 200; 30 with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     parser.add_argument("--skip-gradients", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--skip-overhead", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads must be 0 (torch's default) or positive, got {args.threads}")
+    if args.overhead and args.skip_overhead:
+        parser.error("--overhead and --skip-overhead exclude each other")
+    if args.regimes is None:
+        args.regimes = QUICK_REGIMES if args.quick else REGIMES
+    if args.overhead_steps is None:
+        args.overhead_steps = 30 if args.quick else 200
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    width, batch, repeats = (64, 16, 3) if args.quick else (256, 64, args.repeats)
+    width, batch, cell_batch, repeats = (64, 16, 2, 3) if args.quick else (256, 64, 16, args.repeats)
     warnings.filterwarnings("ignore", category=UserWarning, module="torchdeq")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device cpu, float32; "
           f"TorchDEQ {TORCHDEQ or 'NOT INSTALLED: its rows are skipped (pip install torchdeq==0.1.0)'}")
-    print(f"tanh cell, width {width}, batch {batch}, tol {args.tol:g} (rel), max_iter "
-          f"{args.max_iter}, medians of {repeats}")
-    print("\n## Forward solves")
-    for regime in args.regimes:
-        print_forward(regime, forward_rows(regime, width, batch, args.tol, args.max_iter, repeats),
-                      args.tol)
-    if args.skip_gradients:
-        return
-    print("\n## Gradient rules")
-    for regime in args.regimes:
-        rows, n = gradient_rows(regime, width, batch, args.tol, args.max_iter, repeats)
-        print_gradients(regime, rows, n)
+    print(f"tol {args.tol:g} (rel), max_iter {args.max_iter}, medians of {repeats} interleaved "
+          f"rounds")
+    start = time.perf_counter()
+    if not args.overhead:
+        forward_section(args.regimes, width, batch, cell_batch, args.tol, args.max_iter, repeats)
+    if not args.skip_overhead:
+        overhead_section(args.overhead_steps, repeats, cell_batch,
+                         widths=(64,) if args.quick else (64, 256))
+    gradient_regimes = [r for r in args.regimes if r in GRADIENT_REGIMES]
+    if not (args.overhead or args.skip_gradients) and gradient_regimes:
+        print(f"\n## Gradient rules (tanh cell, width {width}, batch {batch})")
+        for regime in gradient_regimes:
+            rows, n = gradient_rows(regime, width, batch, args.tol, args.max_iter, repeats)
+            print_gradients(regime, rows, n)
+    print(f"\n(run time {time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":
