@@ -14,8 +14,9 @@ only needs the working tree and its Python environment. Three sections:
    the forward really is in the low precision); an MDEQ's solve under bf16 autocast (the trainer's
    docstring says that on CUDA GroupNorm keeps its states float32); channels-last against NCHW
    (same first loss, convolutions stay NHWC); the IFT gradient on the device, in float64 and
-   float32, against a float64 CPU reference; ``deqlite.memory.peak_cuda_bytes`` of the IFT
-   backward against unrolled backprop (CUDA only); the ``DataLoader`` path (pinned memory on
+   float32, against a float64 CPU reference; the solvers' convergence test every 1, 4 or 16
+   evaluations (``check_every``: time and NFE, for its default); ``deqlite.memory.
+   peak_cuda_bytes`` of the IFT backward against unrolled backprop (CUDA only); the ``DataLoader`` path (pinned memory on
    CUDA, ``non_blocking`` copies) against the in-memory path; a 2-process
    ``DistributedDataParallel`` run against one process on the global batch (NCCL with 2+ GPUs;
    on one GPU the two processes share it over Gloo, as NCCL refuses two ranks on one device, and
@@ -66,6 +67,7 @@ import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,7 +82,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset, TensorDataset
 
 from bench_lm import WT103_VOCAB, zipf_stream  # noqa: E402  (benchmarks/bench_lm.py)
-from deqlite import DEQ, MLPCell
+from deqlite import DEQ, MLPCell, solve
 from deqlite.data import is_text
 from deqlite.data.images import imagenet_transform
 from deqlite.memory import peak_cuda_bytes
@@ -302,6 +304,37 @@ def check_ift_gradient() -> str:
             f"{errors[torch.float32]:.1e}")
 
 
+def check_stopping_test() -> str:
+    """Anderson to rel. 1e-4 on the device with the convergence test every 1, 4 and 16
+    evaluations (``check_every``): median time and NFE. On a GPU each test is a host sync that
+    stalls the queue of kernels; the row says which period was fastest, for the default."""
+    width, batch, repeats = (64, 8, 3) if QUICK else (2048, 512, 9)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(width, width, generator=g)
+    W = (0.95 * W / torch.linalg.matrix_norm(W, ord=2)).to(DEVICE)
+    u = torch.randn(batch, width, generator=g).to(DEVICE)
+    z0 = torch.zeros(batch, width, device=DEVICE)
+    rows = {}
+    with torch.no_grad():
+        for every in (1, 4, 16):
+            def run(every=every):
+                return solve(lambda z: torch.tanh(z @ W.T + u), z0, solver="anderson", tol=1e-4,
+                             max_iter=300, m=6, check_every=every)[1]
+            stats, times = run(), []
+            for _ in range(repeats):
+                _sync()
+                start = time.perf_counter()
+                run()
+                _sync()
+                times.append(time.perf_counter() - start)
+            assert stats.all_converged, f"check_every {every}: {stats}"
+            rows[every] = (statistics.median(times), stats.nfe)
+    fastest = min(rows, key=lambda k: rows[k][0])
+    return (f"width {width}, batch {batch}: " + ", ".join(
+        f"check_every {k}: {t * 1e3:.2f} ms, {nfe} NFE" for k, (t, nfe) in rows.items())
+        + f"; fastest: {fastest}")
+
+
 def check_peak_cuda_bytes() -> str:
     torch.manual_seed(0)
     peaks = {}
@@ -462,6 +495,7 @@ def section_device(report: Report) -> None:
     report.check(s, "MDEQ solve under bf16 autocast (fp32 states on CUDA)", check_mdeq_bf16)
     report.check(s, "channels-last vs NCHW (MDEQ)", check_channels_last)
     report.check(s, f"IFT gradient on {DEVICE.type} vs CPU float64", check_ift_gradient)
+    report.check(s, "solver convergence test every 1/4/16 evaluations", check_stopping_test)
     report.check(s, "peak_cuda_bytes: IFT vs unrolled backward", check_peak_cuda_bytes,
                  cuda_only=True)
     report.check(s, "DataLoader path: pinned memory, non_blocking copies", check_loader)

@@ -160,7 +160,7 @@ def _lost(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 class _JointTracker:
-    """JIIO's per-sample bookkeeping (as ``solvers._Tracker`` is the solvers'): the three KKT
+    """JIIO's per-sample bookkeeping (as ``_tracker.Tracker`` is the solvers'): the three KKT
     residuals of every iterate, its merit (the largest residual over its tolerance), convergence
     (merit ≤ 1; frozen then), the best iterate by merit, the samples gone NaN/inf (frozen too)."""
 

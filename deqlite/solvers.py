@@ -17,6 +17,10 @@ and the same batch conventions:
   to converge still returns its best guess. ``stats.converged`` says which samples made it; a
   sample whose f(z) went NaN/inf (``stats.nonfinite``) keeps its best finite iterate, or is NaN.
 * f is evaluated exactly once per iteration, so ``stats.nfe`` is the number of iterations.
+* Convergence is tested every ``check_every`` evaluations (default 1: the solve ends at the first
+  evaluation where every sample is done). A larger value saves the test's host synchronization,
+  a stall on a GPU, at the price of up to ``check_every − 1`` extra evaluations; what is returned
+  is the same. The shared bookkeeping (``deqlite._tracker``) explains how it stays cheap.
 
 The three methods (see each docstring for the math):
 
@@ -26,12 +30,12 @@ The three methods (see each docstring for the math):
   as used in the DEQ papers (Bai, Kolter, Koltun 2019).
 
 All solvers run under autograd if the caller enables it, which is how ``DEQ(backward="unrolled")``
-backpropagates through the iterations; no tensor is modified in place.
+backpropagates through the iterations; then no tensor is modified in place (without autograd,
+the solvers' history buffers are, which saves a copy per step).
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -39,7 +43,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 
 from ._validate import check_options, check_stop, check_tensor, lookup
-from .stats import SolverStats, residuals
+from ._tracker import Tracker
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 State = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -115,6 +119,7 @@ SETTINGS = {
     "beta": (0, 1, True, False, "anderson's mixing weight"),
     "lam": (0, None, False, False, "anderson's relative regularizer"),
     "memory": (1, None, False, True, "broyden's number of rank-one updates"),
+    "check_every": (1, None, False, True, "evaluations between convergence tests"),
 }
 
 
@@ -141,59 +146,21 @@ def check_settings(tol: Any, max_iter: Any, stop: Any, options: Mapping[str, Any
                          f"relative residual of 1, so z0 would count as converged. Use tol ≈ 1e-4.")
 
 
-class _Tracker:
-    """Bookkeeping every solver shares: counts evaluations, records residuals, judges
-    convergence per sample and keeps the best iterate of each sample."""
+class _Map:
+    """f on flat iterates: ``_Map(f, spec)(z)`` unflattens z (batch, D) to the state's shape(s),
+    applies f, checks that f returned a state like it (attribute checks only: no host sync) and
+    returns f(z) flat. ``dtype`` is the least precise of the state's and f's (autocast)."""
 
-    def __init__(self, name: str, f, z0: State, tol, max_iter, stop, callback):
-        self.z0, self.spec = flatten_state(z0, "z0")          # (batch, D) and how to undo it
-        check_settings(tol, max_iter, stop, {})
-        if callback is not None and not callable(callback):
-            raise TypeError("callback must be callable as callback(iteration, abs_res, rel_res).")
-        self.name, self.f, self.tol, self.stop, self.callback = name, f, tol, stop, callback
-        z0, batch = self.z0, self.z0.shape[0]
-        self.nfe = 0
-        self.abs_trace, self.rel_trace = [], []                  # (batch,) residuals per evaluation
-        self.done = torch.zeros(batch, dtype=torch.bool, device=z0.device)    # converged
-        self.failed = torch.zeros_like(self.done)                              # went non-finite
-        self.best_z = z0
-        self.best_abs = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
-        self.best_rel = torch.full_like(self.best_abs, float("inf"))
-        self.dtype = z0.dtype              # the least precise of the state's and f's (autocast)
-        self.start = time.perf_counter()
+    def __init__(self, f, spec: Any, z0: torch.Tensor):
+        self.f, self.spec, self.dtype = f, spec, z0.dtype
+        self.shape = (len(z0), *spec) if isinstance(spec, tuple) else None   # a tensor state
 
-    @property
-    def frozen(self) -> torch.Tensor:
-        """Samples that must not change any more (converged, or lost to NaN/inf)."""
-        return self.done | self.failed
-
-    def all_frozen(self) -> bool:
-        return bool(self.frozen.all())
-
-    def evaluate(self, z: torch.Tensor) -> torch.Tensor:
-        """f at the flat iterate z (batch, D): record its residual, update the per-sample
-        bookkeeping, and return f(z) flattened."""
-        state = unflatten_state(z, self.spec)
-        fz = self._check_image(self.f(state), state, z)
-        self.nfe += 1
-        with torch.no_grad():
-            r_abs, r_rel = residuals(fz, z)
-            crit = r_rel if self.stop == "rel" else r_abs
-            best_crit = self.best_rel if self.stop == "rel" else self.best_abs
-            better = ~self.frozen & (crit < best_crit)
-            self.failed = self.failed | (~self.done & ~torch.isfinite(crit))
-            self.done = self.done | (~self.failed & (crit <= self.tol))
-        self.best_z = torch.where(better[:, None], z, self.best_z)
-        self.best_abs = torch.where(better, r_abs, self.best_abs)
-        self.best_rel = torch.where(better, r_rel, self.best_rel)
-        self.abs_trace.append(r_abs)
-        self.rel_trace.append(r_rel)
-        if self.callback is not None:
-            self.callback(self.nfe, r_abs, r_rel)
-        return fz
-
-    def _check_image(self, fz: Any, state: State, z: torch.Tensor) -> torch.Tensor:
-        """f's return value, flattened, once it is a state like z (attribute checks: no sync)."""
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        state = z if self.shape == z.shape else unflatten_state(z, self.spec)
+        fz = self.f(state)
+        if isinstance(fz, torch.Tensor) and fz.shape == self.shape and fz.dtype is z.dtype \
+                and fz.device == z.device:
+            return fz if fz.dim() == 2 else fz.flatten(1)          # the common case, quickly
         flat, spec = flatten_state(fz, "f(z)", check=False) if _is_state(fz) else (z[:0], None)
         dtype_ok = flat.dtype == z.dtype or torch.is_autocast_enabled(z.device.type)  # on purpose
         if (spec, len(flat), flat.device) != (self.spec, len(z), z.device) or not dtype_ok:
@@ -205,38 +172,42 @@ class _Tracker:
         self.dtype = max(self.dtype, flat.dtype, key=lambda t: torch.finfo(t).eps)
         return flat
 
-    def finish(self) -> tuple[torch.Tensor, SolverStats]:
-        if self.best_z.is_cuda:
-            torch.cuda.synchronize(self.best_z.device)
-        never = ~torch.isfinite(self.best_abs)        # lost before any finite iterate: NaN, not z0
-        best_z = self.best_z.masked_fill(never[:, None], float("nan"))
-        stats = SolverStats(
-            solver=self.name, nfe=self.nfe,
-            abs_residuals=torch.stack(self.abs_trace), rel_residuals=torch.stack(self.rel_trace),
-            converged=self.done.clone(), final_abs=self.best_abs.detach(),
-            final_rel=self.best_rel.detach(), tol=self.tol, stop=self.stop,
-            wall_time=time.perf_counter() - self.start, nonfinite=self.failed.clone(),
-            dtype=self.dtype)
-        return unflatten_state(best_z, self.spec), stats
+
+def _start(name: str, f, z0: State, tol, max_iter, stop, callback, check_every):
+    """Validate a solve's common arguments and return ``(z0 flat, f on flat iterates, tracker)``."""
+    z0, spec = flatten_state(z0, "z0")                        # (batch, D) and how to undo it
+    check_settings(tol, max_iter, stop, {"check_every": check_every})
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable as callback(iteration, abs_res, rel_res).")
+    apply = _Map(f, spec, z0)
+    return z0, apply, Tracker(name, apply, z0, tol=tol, max_iter=max_iter, stop=stop,
+                              callback=callback, check_every=check_every)
+
+
+def _finish(tracker: Tracker, apply: _Map):
+    best_z, stats = tracker.finish(apply.dtype)
+    return unflatten_state(best_z, apply.spec), stats
 
 
 def forward_iteration(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
-                      damping: float = 1.0, callback: Optional[Callback] = None):
+                      damping: float = 1.0, check_every: int = 1,
+                      callback: Optional[Callback] = None):
     """Damped fixed-point (Picard / Krasnosel'skii–Mann) iteration
 
         z_{k+1} = z_k + τ (f(z_k) − z_k),     τ = ``damping`` in (0, 1].
 
     With τ = 1 this is plain iteration z ← f(z); it converges linearly, at rate ρ(J_f), when f
     is a contraction. τ < 1 trades speed for stability on maps that oscillate.
+    ``check_every``: test for convergence every that many evaluations (see ``deqlite._tracker``).
     """
     check_setting(damping=damping)
-    tr = _Tracker("forward_iteration", f, z0, tol, max_iter, stop, callback)
-    z = tr.z0
+    z, apply, tr = _start("forward_iteration", f, z0, tol, max_iter, stop, callback, check_every)
     fz = tr.evaluate(z)
-    while tr.nfe < max_iter and not tr.all_frozen():
-        z = torch.where(tr.frozen[:, None], z, z + damping * (fz - z))
+    while tr.running():
+        step = fz if damping == 1 else torch.lerp(z, fz, damping)   # z + τ (f(z) − z)
+        z = step if tr.mask is None else torch.where(tr.mask, z, step)  # frozen samples stay
         fz = tr.evaluate(z)
-    return tr.finish()
+    return _finish(tr, apply)
 
 
 def _write(buffer: torch.Tensor, index, value: torch.Tensor) -> torch.Tensor:
@@ -250,46 +221,56 @@ def _write(buffer: torch.Tensor, index, value: torch.Tensor) -> torch.Tensor:
 
 
 class AndersonMixer:
-    """Anderson's history: the last m iterates x_i, their images f_i and residuals g_i = f_i − x_i
-    in ring buffers, with the Gram matrix of the residuals. ``step(x, fx, frozen)`` adds a pair
-    and returns the next iterate (rows marked ``frozen`` stay as they are). ``anderson`` below is
-    this plus the bookkeeping every solver shares; ``deqlite.jiio`` mixes its joint state with it.
+    """Anderson's history: the images f_i and residuals g_i = f_i − x_i of the last m iterates in
+    ring buffers (x_i = f_i − g_i is not stored), with the Gram matrix of the residuals.
+    ``step(x, fx, frozen)`` adds a pair and returns the next iterate (rows marked in the (batch,)
+    bool ``frozen`` stay as they are; None: no row is frozen, and no masking work is done).
+    ``anderson`` below is this plus the bookkeeping every solver shares; ``deqlite.jiio`` mixes
+    its joint state with it.
 
     Args: batch, dim (the flat state's shape), m, beta, lam (see ``anderson``), like (a tensor
     whose dtype and device the buffers take)."""
 
     def __init__(self, batch: int, dim: int, *, m: int, beta: float, lam: float, like: torch.Tensor):
         check_setting(m=m, beta=beta, lam=lam)
-        self.m, self.beta, self.lam, self.k = m, beta, lam, 0
+        self.m, self.beta, self.lam, self.k = m, beta, max(lam, torch.finfo(torch.float64).eps), 0
         self.acc = torch.promote_types(like.dtype, torch.float32)  # float16 g·g overflows: 65504
-        self.X, self.F, self.G = (like.new_zeros(batch, m, dim) for _ in range(3))
+        self.F, self.G = like.new_zeros(batch, m, dim), like.new_zeros(batch, m, dim)
         self.gram = torch.zeros(batch, m, m, dtype=torch.float64, device=like.device)
+        self.eye = torch.eye(m, dtype=torch.float64, device=like.device)
+        self.ones = torch.ones(batch, m, 1, dtype=torch.float64, device=like.device)
 
-    def step(self, x: torch.Tensor, fx: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
-        frozen = frozen[:, None]
+    def step(self, x: torch.Tensor, fx: torch.Tensor,
+             frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = None if frozen is None else frozen[:, None]
         slot, n = self.k % self.m, min(self.k + 1, self.m)
-        g = torch.where(frozen, 0.0, fx - x)
+        g = fx - x if mask is None else torch.where(mask, 0.0, fx - x)
         every = slice(None)
-        self.X, self.F = _write(self.X, (every, slot), x), _write(self.F, (every, slot), fx)
-        self.G = _write(self.G, (every, slot), g)
-        row = (self.G[:, :n].to(self.acc) * g[:, None].to(self.acc)).sum(-1).double()  # g_i·g_new
-        self.gram = _write(self.gram, (every, slot, slice(0, n)), row)
-        self.gram = _write(self.gram, (every, slice(0, n), slot), row)
-        H = self.gram[:, :n, :n]
-        eye = torch.eye(n, dtype=H.dtype, device=H.device)
-        reg = H.diagonal(dim1=1, dim2=2).mean(-1) * max(self.lam, torch.finfo(H.dtype).eps)  # λs
-        H = torch.where(frozen[..., None], eye, H + reg[:, None, None] * eye)  # s > 0 if not frozen
-        y = torch.linalg.solve(H, torch.ones_like(H[..., 0]))    # H y = 1 (frozen: any regular H)
-        # (contiguous: solve returns column-major strides, which make the product below ~10× slower)
-        alpha = (y / y.sum(-1, keepdim=True)).to(x.dtype).contiguous()[:, None, :]   # (batch, 1, n)
-        F = self.F[:, :n]
-        mixed = F if self.beta == 1 else self.beta * F + (1 - self.beta) * self.X[:, :n]
+        self.F, self.G = _write(self.F, (every, slot), fx), _write(self.G, (every, slot), g)
+        # g_new·g_i for every slot in one batched product (a row vector times Gᵀ, the fast layout;
+        # slots not filled yet are zero), written into row and column `slot` (cast to float64)
+        G = self.G if self.acc == self.G.dtype else self.G.to(self.acc)
+        row = torch.bmm(g.to(self.acc)[:, None], G.mT)[:, 0]
+        self.gram = _write(self.gram, (every, slot), row)
+        self.gram = _write(self.gram, (every, slice(None), slot), row)
+        H = self.gram if n == self.m else self.gram[:, :n, :n]
+        reg = H.diagonal(dim1=1, dim2=2).sum(-1) * (self.lam / n)        # λs, s = mean ‖g_i‖²
+        H = torch.addcmul(H, reg[:, None, None], self.eye[:n, :n])       # H + λs I
+        if mask is not None:
+            H = torch.where(mask[..., None], self.eye[:n, :n], H)   # frozen: any regular H will do
+        y = torch.linalg.solve_ex(H, self.ones[:, :n], check_errors=False)[0]   # H y = 1
+        alpha = (y / y.sum(1, keepdim=True)).to(fx.dtype).mT                 # (batch, 1, n)
+        F = self.F if n == self.m else self.F[:, :n]
+        mixed = torch.bmm(alpha, F)[:, 0]                                     # Σ α_i f_i
+        if self.beta != 1:                                # β Σ α_i f_i + (1 − β) Σ α_i x_i
+            G = self.G if n == self.m else self.G[:, :n]
+            mixed = mixed - (1 - self.beta) * torch.bmm(alpha, G)[:, 0]
         self.k += 1
-        return torch.where(frozen, x, (alpha @ mixed).squeeze(1))
+        return mixed if mask is None else torch.where(mask, x, mixed)
 
 
 def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
-             m: int = 5, beta: float = 1.0, lam: float = 1e-4,
+             m: int = 5, beta: float = 1.0, lam: float = 1e-4, check_every: int = 1,
              callback: Optional[Callback] = None):
     """Anderson acceleration: extrapolate from the last m iterates.
 
@@ -300,7 +281,7 @@ def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
 
     whose solution is α = H⁻¹1 / (1ᵀH⁻¹1) with H = G Gᵀ + λ s I, and step to
 
-        x_{k+1} = β Σ_i α_i f_i + (1 − β) Σ_i α_i x_i.
+        x_{k+1} = β Σ_i α_i f_i + (1 − β) Σ_i α_i x_i  =  Σ_i α_i f_i − (1 − β) Σ_i α_i g_i.
 
     The regularizer is *scaled to the residuals*: s = mean_i ‖g_i‖². A fixed λ (as in the
     original tutorial and TorchDEQ) dominates H once the residuals are small, which pulls α towards
@@ -311,19 +292,19 @@ def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     one row and column to the Gram matrix G Gᵀ (O(m·D) work, not O(m²·D)). The small n×n systems
     are solved in float64, with λ at least float64's eps (λ = 0 would leave H singular when the
     residuals are dependent, e.g. a history longer than the state).
+    ``check_every``: test for convergence every that many evaluations (see ``deqlite._tracker``).
     """
-    tr = _Tracker("anderson", f, z0, tol, max_iter, stop, callback)
-    x = tr.z0
+    x, apply, tr = _start("anderson", f, z0, tol, max_iter, stop, callback, check_every)
     mixer = AndersonMixer(*x.shape, m=m, beta=beta, lam=lam, like=x)
     fx = tr.evaluate(x)
-    while tr.nfe < max_iter and not tr.all_frozen():
-        x = mixer.step(x, fx, tr.frozen)
+    while tr.running():
+        x = mixer.step(x, fx, None if tr.mask is None else tr.frozen)
         fx = tr.evaluate(x)
-    return tr.finish()
+    return _finish(tr, apply)
 
 
 def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
-            memory: int = 50, callback: Optional[Callback] = None):
+            memory: int = 50, check_every: int = 1, callback: Optional[Callback] = None):
     """Limited-memory "good" Broyden method for the root of g(z) = f(z) − z.
 
     Keep an approximation B ≈ J_g⁻¹ as a low-rank correction of B₀ = −I,
@@ -338,40 +319,48 @@ def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     (restarted Broyden). So a step costs O(memory · D) however large ``max_iter`` is. (Dropping
     only the oldest pair instead, as the DEQ research code does, leaves the remaining pairs
     inconsistent with each other and can blow up; restarting cannot.)
+    ``check_every``: test for convergence every that many evaluations (see ``deqlite._tracker``).
     """
     check_setting(memory=memory)
-    tr = _Tracker("broyden", f, z0, tol, max_iter, stop, callback)
-    z = tr.z0
+    z, apply, tr = _start("broyden", f, z0, tol, max_iter, stop, callback, check_every)
     memory = min(memory, max_iter)
     U, V = z.new_zeros(z.shape[0], memory, z.shape[1]), z.new_zeros(z.shape[0], memory, z.shape[1])
     n = 0                                                 # pairs in use: B = −I + U[:n]ᵀ V[:n]
 
-    def B(y, U, V):                                       # B y = −y + Σ_i u_i (v_i · y)
+    def B(y, U, V):                           # B y = −y + Σ_i u_i (v_i · y): two batched products
         if n == 0:
             return -y
-        coeff = (V[:, :n] * y[:, None]).sum(-1, keepdim=True)      # (batch, n, 1): v_i · y
-        return -y + (coeff * U[:, :n]).sum(1)       # (elementwise beats bmm for matvecs on CPU)
+        coeff = torch.bmm(y[:, None], V[:, :n].mT)              # (batch, 1, n): v_i · y
+        return torch.baddbmm(y[:, None], coeff, U[:, :n], alpha=1, beta=-1)[:, 0]
 
     g = tr.evaluate(z) - z
     Bg = -g
-    while tr.nfe < max_iter and not tr.all_frozen():
-        frozen = tr.frozen[:, None]
-        z_new = torch.where(frozen, z, z - Bg)
+    acc = torch.promote_types(z.dtype, torch.float32)       # float16 dot products overflow
+    dot = lambda a, b: torch.linalg.vecdot(a.to(acc), b.to(acc))[:, None]   # noqa: E731
+    while tr.running():
+        dz = -Bg if tr.mask is None else torch.where(tr.mask, 0.0, -Bg)   # frozen samples stay
+        z_new = z + dz
         g_new = tr.evaluate(z_new) - z_new
-        if n == memory:                                   # memory full: restart from B = −I
+        restart = n == memory                             # memory full: restart from B = −I
+        if restart:
             n, Bg = 0, -g
-        dz, Bg_new = z_new - z, B(g_new, U, V)
-        B_dg = Bg_new - Bg                                # B Δg, by linearity
+        Bg_new = B(g_new, U, V)
         dzT_B = B(dz, V, U)                               # Bᵀ Δz = (Δzᵀ B)ᵀ
-        denom = (dzT_B * (g_new - g)).sum(-1, keepdim=True)
-        ok = ~frozen & (denom.abs() > torch.finfo(z.dtype).tiny) & torch.isfinite(denom)
-        u = torch.where(ok, (dz - B_dg) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
-        v = torch.where(ok, dzT_B, 0.0)
-        Bg_new = Bg_new + u * (v * g_new).sum(-1, keepdim=True)   # the updated B times g_new
-        U, V = _write(U, (slice(None), n), u), _write(V, (slice(None), n), v)
+        denom = dot(dzT_B, g_new - g)                     # Δzᵀ B Δg, (batch, 1)
+        size = denom.abs()
+        ok = (size > torch.finfo(acc).tiny) & (size < float("inf"))       # NaN fails both
+        if tr.mask is not None:
+            ok = ok & ~tr.mask                            # frozen samples: no update
+        # Δz − B Δg, with B Δg = B g_new − B g by linearity; as Δz = −B g (the rows of frozen
+        # samples aside, which make no update), it is −B g_new unless B was just restarted
+        u = dz - (Bg_new - Bg) if restart else -Bg_new
+        # the updated B times g_new, and u scaled by 1 / Δzᵀ B Δg (0 where no update is made)
+        Bg_new = torch.addcmul(Bg_new, u, torch.where(ok, dot(dzT_B, g_new) / denom, 0).to(u.dtype))
+        u = u * torch.where(ok, denom.reciprocal(), 0).to(u.dtype)
+        U, V = _write(U, (slice(None), n), u), _write(V, (slice(None), n), dzT_B)
         n += 1
         z, g, Bg = z_new, g_new, Bg_new
-    return tr.finish()
+    return _finish(tr, apply)
 
 
 SOLVERS = {"forward_iteration": forward_iteration, "anderson": anderson, "broyden": broyden}

@@ -1,0 +1,177 @@
+"""The bookkeeping every fixed-point solver shares (``deqlite.solvers``): count the evaluations of
+f, record the residual of each, judge convergence per sample, keep each sample's best iterate.
+
+Per evaluation k (z_k, f(z_k)) and sample b, with crit the residual the stopping rule uses:
+
+    sample b freezes at the first k where crit ≤ tol (converged) or crit is NaN/inf (lost);
+    its best iterate is the z_k of lowest crit among the evaluations up to its freeze;
+    after it froze, its trace repeats the value it froze with.
+
+How the work is kept small (on a cell of width 256 an evaluation of f is ~0.1 ms, about the cost
+of twenty small tensor operations, so per-step bookkeeping would be most of a solve):
+
+* Booking in chunks. The iterates are kept (references, no copies) and booked together every
+  ``chunk`` evaluations: one stack, one argmin over the chunk for the best iterate, one scan for
+  each sample's first converged step. The rules above are applied retroactively, so the result is
+  the same as booking after every evaluation; the chunk shrinks to 1 for large states (its
+  iterates are kept in memory) and when a callback wants every step.
+* A cheap stopping test. The only per-step work is the two norms of the residual and, every
+  ``check_every`` evaluations, "has every sample met tol once?" (a running mask and one
+  ``all()``). That test is exact: the solve ends at the very evaluation it would end at if it
+  were booked step by step. ``check_every`` > 1 skips the test's host sync (a stall on a GPU) at
+  the price of up to ``check_every − 1`` extra evaluations at the end.
+* Masks only when needed. Until a sample freezes, ``mask`` is None and the solvers skip their
+  ``torch.where``s. A sample that converges mid-chunk keeps iterating until the chunk is booked;
+  that changes nothing it returns (rows of a batch do not interact), only wastes a little work.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+
+from .stats import EPS, SolverStats
+
+CHUNK_ELEMENTS = 2 ** 21      # iterates kept for one chunk: at most this many numbers (8 MB fp32)
+MAX_CHUNK = 32
+
+
+class Tracker:
+    """Per-sample bookkeeping of one solve; see the module docstring.
+
+    ``evaluate(z)`` applies f to the flat iterate z (batch, D) and returns f(z) flat;
+    ``running()`` says whether to go on; ``mask`` is None or the (batch, 1) bool of frozen samples;
+    ``finish()`` returns ``(best_z, SolverStats)``. ``apply`` maps a flat iterate to f's image
+    (flat): the solvers' ``_Problem`` checks f's return value there."""
+
+    def __init__(self, name: str, apply: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
+                 *, tol: float, max_iter: int, stop: str, callback: Optional[Callable],
+                 check_every: int):
+        self.name, self.apply, self.tol, self.max_iter = name, apply, tol, max_iter
+        self.rel, self.callback, self.check_every = stop == "rel", callback, check_every
+        batch, dim = z0.shape
+        self.chunk = 1 if callback is not None else max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // max(1, batch * dim)))
+        self.acc = torch.promote_types(z0.dtype, torch.float32)   # a float16 norm overflows at 65504
+        self.nfe, self.booked = 0, 0
+        self.pending: list = []                       # iterates since the last booking
+        self.diff = self.ring = None
+        self.abs_res: list = []                       # (batch,) ‖f(z) − z‖ per evaluation
+        self.size: list = []                          # (batch,) ‖f(z)‖ per evaluation
+        self.met = torch.zeros(batch, dtype=torch.bool, device=z0.device)    # met tol once
+        self.done, self.failed = torch.zeros_like(self.met), torch.zeros_like(self.met)
+        self.frozen, self.mask, self.all_frozen = torch.zeros_like(self.met), None, False
+        self.frozen_at = torch.full((batch,), max_iter, dtype=torch.long, device=z0.device)
+        self.best_z = z0
+        self.best_crit = torch.full((batch,), float("inf"), dtype=self.acc, device=z0.device)
+        self.best_k = torch.full((batch,), -1, dtype=torch.long, device=z0.device)  # its evaluation
+        self.start = time.perf_counter()
+
+    def evaluate(self, z: torch.Tensor) -> torch.Tensor:
+        fz = self.apply(z)
+        self.nfe += 1
+        if torch.is_grad_enabled():       # backward="unrolled": keep z itself (and its graph)
+            self.pending.append(z)
+            with torch.no_grad():
+                test = self._residual(z, fz)
+        else:                             # a copy into a buffer kept for the whole solve: holding
+            if self.ring is None:         # the iterates instead would make the allocator return
+                self.ring = z.new_empty(self.chunk, *z.shape)     # and re-fault their memory
+            self.pending.append(self.ring[len(self.pending)].copy_(z))
+            test = self._residual(z, fz)
+        if len(self.pending) >= self.chunk or (test and self.met.all()):
+            self.book()                     # (outside no_grad: the best iterate keeps its graph)
+        return fz
+
+    def _residual(self, z: torch.Tensor, fz: torch.Tensor) -> bool:
+        """Record ‖f(z) − z‖ and ‖f(z)‖; every ``check_every`` evaluations update ``met``."""
+        if self.diff is None or self.diff.dtype != fz.dtype:   # (f may return another dtype under autocast)
+            self.diff = torch.empty_like(fz)     # f(z) − z goes to one reused buffer: no allocation
+        r_abs = torch.linalg.vector_norm(torch.sub(fz, z, out=self.diff), dim=1, dtype=self.acc)
+        size = torch.linalg.vector_norm(fz, dim=1, dtype=self.acc)
+        self.abs_res.append(r_abs)
+        self.size.append(size)
+        if self.tol == 0 or self.nfe % self.check_every:
+            return False
+        crit = r_abs / (size + EPS) if self.rel else r_abs
+        self.met |= (crit > self.tol).logical_not_()        # NaN counts too: it freezes the sample
+        return True
+
+    def running(self) -> bool:
+        """Another evaluation is due: the budget is not spent and some sample is not frozen."""
+        return self.nfe < self.max_iter and not self.all_frozen
+
+    def book(self) -> None:
+        """Apply the per-sample rules of the module docstring to the pending evaluations."""
+        if not self.pending:
+            return
+        k0, pending = self.booked, self.pending
+        self.pending, self.booked = [], self.nfe
+        with torch.no_grad():
+            r_abs, size = torch.stack(self.abs_res[k0:]), torch.stack(self.size[k0:])  # (c, batch)
+            crit = r_abs / (size + EPS) if self.rel else r_abs
+            plain = (crit > self.tol) & (crit < float("inf"))     # neither converged nor lost
+            if self.mask is None and self.callback is None and bool(plain.all()):
+                low, at = crit.min(0)           # the common case: nothing froze, every step counts
+            else:
+                low, at = self._freeze(k0, r_abs, size)
+            better = low < self.best_crit
+            self.best_crit = torch.where(better, low, self.best_crit)
+            self.best_k = torch.where(better, k0 + at, self.best_k)
+        # The new best iterates are mostly one step of the chunk, its last: take it as it is when
+        # it is every sample's, else one where per step that has any (no stack of c states).
+        steps = torch.where(better, at, -1).tolist()                          # (a host sync)
+        if steps == [len(pending) - 1] * len(steps):
+            self.best_z = pending[-1].clone()                    # (a ring slot is overwritten)
+            return
+        for k in sorted(set(steps) - {-1}):
+            self.best_z = torch.where((better & (at == k))[:, None], pending[k], self.best_z)
+
+    def _freeze(self, k0: int, r_abs: torch.Tensor, size: torch.Tensor):
+        """Freeze the samples that converged or were lost in the chunk starting at evaluation k0;
+        return, per sample, the lowest residual among the chunk's steps that count and its step."""
+        r_rel = torch.where(torch.isinf(size), float("nan"), r_abs / (size + EPS))
+        crit = r_rel if self.rel else r_abs
+        finite = torch.isfinite(crit)
+        event = (crit <= self.tol) | ~finite                          # converged or lost, per step
+        c = len(crit)
+        first = torch.where(event.any(0), event.byte().argmax(0), c)    # (batch,) its first event
+        counts = (torch.arange(c, device=crit.device)[:, None] <= first) & ~self.frozen
+        hit = (first < c) & ~self.frozen
+        lost = hit & ~finite.gather(0, first.clamp(max=c - 1)[None])[0]
+        self.done |= hit & ~lost
+        self.failed |= lost
+        self.frozen = self.done | self.failed
+        self.frozen_at = torch.where(hit, k0 + first, self.frozen_at)
+        self.met |= self.frozen
+        any_frozen = bool(self.frozen.any())
+        self.mask = self.frozen[:, None] if any_frozen else None
+        self.all_frozen = any_frozen and bool(self.frozen.all())
+        if self.callback is not None:
+            for k in range(c):
+                self.callback(k0 + k + 1, r_abs[k], r_rel[k])
+        return crit.masked_fill(~counts | ~finite, float("inf")).min(0)    # first lowest
+
+    def finish(self, dtype: torch.dtype) -> tuple[torch.Tensor, SolverStats]:
+        """The best iterate per sample (NaN where a sample had no finite one) and the record."""
+        self.book()
+        with torch.no_grad():
+            r_abs, size = torch.stack(self.abs_res), torch.stack(self.size)
+            r_rel = torch.where(torch.isinf(size), float("nan"), r_abs / (size + EPS))
+            steps = torch.arange(self.nfe, device=r_abs.device)[:, None]
+            rows = torch.minimum(steps, self.frozen_at[None])         # a frozen sample's trace
+            r_abs, r_rel = r_abs.gather(0, rows), r_rel.gather(0, rows)  # repeats its last value
+            never = self.best_k < 0                   # lost before any finite iterate: NaN, not z0
+            best = self.best_k.clamp(min=0)[None]
+            best_abs = r_abs.gather(0, best)[0].masked_fill(never, float("inf"))
+            best_rel = r_rel.gather(0, best)[0].masked_fill(never, float("inf"))
+        if self.best_z.is_cuda:
+            torch.cuda.synchronize(self.best_z.device)
+        best_z = self.best_z.masked_fill(never[:, None], float("nan")) if bool(never.any()) \
+            else self.best_z
+        return best_z, SolverStats(
+            solver=self.name, nfe=self.nfe, abs_residuals=r_abs, rel_residuals=r_rel,
+            converged=self.done, final_abs=best_abs, final_rel=best_rel, tol=self.tol,
+            stop="rel" if self.rel else "abs", wall_time=time.perf_counter() - self.start,
+            nonfinite=self.failed, dtype=dtype)
+
