@@ -42,7 +42,8 @@ product of an adjoint solve by a wrapper around ``torch.autograd.grad``.
    each solver's own cost. TorchDEQ's broyden evaluates f N + 1 times (one before its loop),
    which the NFE column shows; the "beyond the loop" column charges the bare loop's per-f cost
    for each extra evaluation. TorchDEQ's broyden also keeps all N rank-one pairs (memory =
-   max_iter), so its cost per step grows with the step; deqlite's keeps 50 and restarts.
+   max_iter), so its cost per step grows with the step; deqlite's keeps 30 and restarts
+   (the row "broyden, memory = max_iter" keeps them all, for a like-for-like comparison).
 3. Gradient rules (Anderson forward solve, one training step: forward + backward of
    ℓ = ⟨c, z⟩ + ½‖z‖²), regimes (a)–(c) only: f calls, adjoint VJPs, median time, and the
    relative error of ∂ℓ/∂θ (W, U, b) and ∂ℓ/∂x against autograd through a long unrolled
@@ -77,6 +78,7 @@ import torch
 from _solver_problems import (CELL_REGIMES, GRADIENT_REGIMES, REGIMES,  # benchmarks/
                               conv_problem, get_problem, make_problem, mlp_problem,
                               spectral_radius)
+from _solver_sweeps import check_every_sweep, memory_sweep  # noqa: E402  (benchmarks/)
 from deqlite import DEQ, solve
 
 try:
@@ -88,7 +90,17 @@ except ImportError:                                   # the benchmark-only extra
 
 SOLVER_PAIRS = [("forward_iteration", {}, "fixed_point_iter", {}),
                 ("anderson", {"m": 6}, "anderson", {"m": 6}),
-                ("broyden", {}, "broyden", {})]
+                ("broyden", {}, "broyden", {}),
+                ("broyden", {"memory": "max_iter"}, None, None)]   # all pairs, as TorchDEQ's
+FULL_MEMORY = "broyden, memory = max_iter"
+
+
+def label(ours, opts):
+    """A deqlite row's name: the solver's, or FULL_MEMORY for Broyden keeping every pair."""
+    return FULL_MEMORY if opts.get("memory") == "max_iter" else ours
+
+
+THEIRS = {label(ours, opts): theirs or "broyden" for ours, opts, theirs, _ in SOLVER_PAIRS}
 DEQLITE_RULES = [("ift", None), ("jfb", None), ("phantom", {"k": 5, "tau": 0.5}),
                  ("neumann", {"k": 5}), ("unrolled", None)]
 TORCHDEQ_RULES = [("ift", dict(ift=True)), ("jfb", dict(grad=1, tau=1.0)),
@@ -152,10 +164,12 @@ def solver_runs(z0, tol, max_iter):
     alternating (TorchDEQ's only where it is installed)."""
     runs = []
     for ours, our_opts, theirs, their_opts in SOLVER_PAIRS:
-        def run_ours(f, name=ours, opts=our_opts):
+        opts = {k: max_iter if v == "max_iter" else v for k, v in our_opts.items()}
+
+        def run_ours(f, name=ours, opts=opts):
             return solve(f, z0, solver=name, tol=tol, max_iter=max_iter, stop="rel", **opts)[0]
-        runs.append(("deqlite", ours, run_ours))
-        if TORCHDEQ is not None:
+        runs.append(("deqlite", label(ours, our_opts), run_ours))
+        if TORCHDEQ is not None and theirs is not None:
             def run_theirs(f, solver=torchdeq_solver(theirs), opts=their_opts):
                 return solver(f, z0, max_iter=max_iter, tol=tol, stop_mode="rel", **opts)[0]
             runs.append(("TorchDEQ", theirs, run_theirs))
@@ -189,7 +203,7 @@ def print_forward(problem, rows, tol, max_iter, rho=None):
           "TorchDEQ's same solver | NFE vs TorchDEQ's best |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     theirs = {r["solver"]: r for r in rows if r["library"] == "TorchDEQ"}
-    pair = {ours: theirs_name for ours, _, theirs_name, _ in SOLVER_PAIRS}
+    pair = THEIRS
     reached = lambda r: r["residual"] <= tol * (1 + 1e-3)          # noqa: E731
     their_best = min((r["nfe"] for r in theirs.values() if reached(r)), default=None)
     for r in rows:
@@ -203,7 +217,8 @@ def print_forward(problem, rows, tol, max_iter, rho=None):
         pairs_gb = 2 * problem.z0[0].numel() * len(problem.z0) * max_iter * 4 / 1e9
         print(f"\nTorchDEQ's broyden keeps every rank-one pair (its LBFGS_thres defaults to "
               f"max_iter) and allocates them up front: {pairs_gb:.2f} GB of zeros per solve here, "
-              f"part of its time; deqlite's keeps 50 and restarts.")
+              f"part of its time; deqlite's keeps 30 and restarts (its row '{FULL_MEMORY}' "
+              f"keeps them all, allocated as it goes).")
 
 
 def forward_section(regimes, width, batch, cell_batch, tol, max_iter, repeats):
@@ -273,7 +288,7 @@ def overhead_section(steps, repeats, cell_batch, widths=(64, 256)):
     if TORCHDEQ is not None:
         print(f"\nTorchDEQ's broyden evaluates f once before its loop ({steps} + 1) and keeps all "
               f"{steps} rank-one pairs (its memory is max_iter), so its cost per step grows with "
-              f"the step; deqlite's broyden keeps 50 pairs and restarts.")
+              f"the step; deqlite's broyden keeps 30 pairs and restarts.")
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -409,6 +424,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     parser.add_argument("--skip-gradients", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--sweeps", action="store_true",
+                        help="also Broyden's memory and check_every sweeps (_solver_sweeps.py)")
     args = parser.parse_args(argv)
     if args.threads < 0:
         parser.error(f"--threads must be 0 (torch's default) or positive, got {args.threads}")
@@ -444,6 +461,10 @@ def main(argv=None):
         for regime in gradient_regimes:
             rows, n = gradient_rows(regime, width, batch, args.tol, args.max_iter, repeats)
             print_gradients(regime, rows, n)
+    if args.sweeps:
+        memory_sweep(args.regimes, width, batch, cell_batch, args.tol, args.max_iter)
+        check_every_sweep(width, batch, cell_batch, args.tol, args.max_iter, repeats,
+                          interleaved_medians)
     print(f"\n(run time {time.perf_counter() - start:.0f} s)")
 
 

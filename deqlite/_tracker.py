@@ -7,14 +7,17 @@ Per evaluation k (z_k, f(z_k)) and sample b, with crit the residual the stopping
     its best iterate is the z_k of lowest crit among the evaluations up to its freeze;
     after it froze, its trace repeats the value it froze with.
 
-How the work is kept small (on a cell of width 256 an evaluation of f is ~0.1 ms, about the cost
-of twenty small tensor operations, so per-step bookkeeping would be most of a solve):
+How the work is kept small (on a cell of width 256 an evaluation of f is ~0.14 ms, the cost of
+some thirty small tensor operations, so bookkeeping after every step would be most of a solve):
 
-* Booking in chunks. The iterates are kept (references, no copies) and booked together every
-  ``chunk`` evaluations: one stack, one argmin over the chunk for the best iterate, one scan for
-  each sample's first converged step. The rules above are applied retroactively, so the result is
-  the same as booking after every evaluation; the chunk shrinks to 1 for large states (its
-  iterates are kept in memory) and when a callback wants every step.
+* Booking in chunks. The iterates are copied into a ring of ``chunk`` slots (kept for the whole
+  solve: holding the iterates themselves would make the allocator return and re-fault their
+  memory) and booked together every ``chunk`` evaluations: one stack of the residuals, one
+  argmin per sample for the best iterate, one scan for each sample's first converged step.
+  The rules above are applied retroactively, so the result is the same as booking after every
+  evaluation (``tests/test_solver_bookkeeping.py``). The chunk shrinks for large states (its
+  ring stays under ``CHUNK_ELEMENTS`` numbers), down to 1, and is 1 when a callback wants
+  every step. Under autograd (``backward="unrolled"``) the iterates are kept, not copied.
 * A cheap stopping test. The only per-step work is the two norms of the residual and, every
   ``check_every`` evaluations, "has every sample met tol once?" (a running mask and one
   ``all()``). That test is exact: the solve ends at the very evaluation it would end at if it
@@ -33,8 +36,8 @@ import torch
 
 from .stats import EPS, SolverStats
 
-CHUNK_ELEMENTS = 2 ** 21      # iterates kept for one chunk: at most this many numbers (8 MB fp32)
-MAX_CHUNK = 32
+CHUNK_ELEMENTS = 2 ** 21      # the ring of iterates: at most this many numbers (8 MB in float32)
+MAX_CHUNK = 16                # (16 states of 64 × 256: 1 MB, about a core's L2 cache)
 
 
 class Tracker:
@@ -42,8 +45,8 @@ class Tracker:
 
     ``evaluate(z)`` applies f to the flat iterate z (batch, D) and returns f(z) flat;
     ``running()`` says whether to go on; ``mask`` is None or the (batch, 1) bool of frozen samples;
-    ``finish()`` returns ``(best_z, SolverStats)``. ``apply`` maps a flat iterate to f's image
-    (flat): the solvers' ``_Problem`` checks f's return value there."""
+    ``finish(dtype)`` returns ``(best_z, SolverStats)``. ``apply`` maps a flat iterate to f's
+    image, flat (the solvers' ``_Map``, which checks what f returns)."""
 
     def __init__(self, name: str, apply: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
                  *, tol: float, max_iter: int, stop: str, callback: Optional[Callable],
@@ -51,7 +54,8 @@ class Tracker:
         self.name, self.apply, self.tol, self.max_iter = name, apply, tol, max_iter
         self.rel, self.callback, self.check_every = stop == "rel", callback, check_every
         batch, dim = z0.shape
-        self.chunk = 1 if callback is not None else max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // max(1, batch * dim)))
+        self.chunk = 1 if callback is not None else \
+            max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // max(1, batch * dim)))
         self.acc = torch.promote_types(z0.dtype, torch.float32)   # a float16 norm overflows at 65504
         self.nfe, self.booked = 0, 0
         self.pending: list = []                       # iterates since the last booking
@@ -85,8 +89,9 @@ class Tracker:
 
     def _residual(self, z: torch.Tensor, fz: torch.Tensor) -> bool:
         """Record ‖f(z) − z‖ and ‖f(z)‖; every ``check_every`` evaluations update ``met``."""
-        if self.diff is None or self.diff.dtype != fz.dtype:   # (f may return another dtype under autocast)
-            self.diff = torch.empty_like(fz)     # f(z) − z goes to one reused buffer: no allocation
+        dtype = torch.promote_types(fz.dtype, z.dtype)      # (under autocast f's may be lower)
+        if self.diff is None or self.diff.dtype != dtype:
+            self.diff = fz.new_empty(fz.shape, dtype=dtype)  # f(z) − z, in one reused buffer
         r_abs = torch.linalg.vector_norm(torch.sub(fz, z, out=self.diff), dim=1, dtype=self.acc)
         size = torch.linalg.vector_norm(fz, dim=1, dtype=self.acc)
         self.abs_res.append(r_abs)

@@ -303,8 +303,17 @@ def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     return _finish(tr, apply)
 
 
+def _low_rank(y: torch.Tensor, U: torch.Tensor, V: torch.Tensor, n: int) -> torch.Tensor:
+    """(−I + Σ_{i<n} u_i v_iᵀ) y, for a batch: two batched products, the dot products v_i · y
+    (a row vector times Vᵀ), then Σ_i u_i (v_i · y) (that row times U)."""
+    if n == 0:
+        return -y
+    coeff = torch.bmm(y[:, None], V[:, :n].mT)                       # (batch, 1, n)
+    return torch.baddbmm(y[:, None], coeff, U[:, :n], beta=-1)[:, 0]
+
+
 def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
-            memory: int = 50, check_every: int = 1, callback: Optional[Callback] = None):
+            memory: int = 30, check_every: int = 1, callback: Optional[Callback] = None):
     """Limited-memory "good" Broyden method for the root of g(z) = f(z) − z.
 
     Keep an approximation B ≈ J_g⁻¹ as a low-rank correction of B₀ = −I,
@@ -318,45 +327,45 @@ def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     At most ``memory`` pairs (u_i, v_i) are kept: when they are all used, B restarts from −I
     (restarted Broyden). So a step costs O(memory · D) however large ``max_iter`` is. (Dropping
     only the oldest pair instead, as the DEQ research code does, leaves the remaining pairs
-    inconsistent with each other and can blow up; restarting cannot.)
+    inconsistent with each other and can blow up; restarting cannot.) The default, 30, is
+    measured (``bench_solvers.py --sweeps``): in float32 older pairs lose accuracy, and 30 took
+    fewer evaluations than 50 on the slow symmetric regime, a few more on near-orthogonal ones.
+    ``memory=max_iter`` keeps every pair (TorchDEQ's default), worth it when a solve takes about
+    as many steps as the state has dimensions: then B can become the whole inverse Jacobian.
+
+    Each application of B is two batched products over the pairs in use (their dot products
+    with a vector, then the sum of the pairs they weight); Bᵀ the same with U and V swapped.
     ``check_every``: test for convergence every that many evaluations (see ``deqlite._tracker``).
     """
     check_setting(memory=memory)
     z, apply, tr = _start("broyden", f, z0, tol, max_iter, stop, callback, check_every)
     memory = min(memory, max_iter)
-    U, V = z.new_zeros(z.shape[0], memory, z.shape[1]), z.new_zeros(z.shape[0], memory, z.shape[1])
+    U, V = (z.new_zeros(len(z), min(memory, 8), z.shape[1]) for _ in range(2))  # room grows
     n = 0                                                 # pairs in use: B = −I + U[:n]ᵀ V[:n]
-
-    def B(y, U, V):                           # B y = −y + Σ_i u_i (v_i · y): two batched products
-        if n == 0:
-            return -y
-        coeff = torch.bmm(y[:, None], V[:, :n].mT)              # (batch, 1, n): v_i · y
-        return torch.baddbmm(y[:, None], coeff, U[:, :n], alpha=1, beta=-1)[:, 0]
-
     g = tr.evaluate(z) - z
     Bg = -g
     acc = torch.promote_types(z.dtype, torch.float32)       # float16 dot products overflow
     dot = lambda a, b: torch.linalg.vecdot(a.to(acc), b.to(acc))[:, None]   # noqa: E731
     while tr.running():
-        dz = -Bg if tr.mask is None else torch.where(tr.mask, 0.0, -Bg)   # frozen samples stay
-        z_new = z + dz
+        z_new = z - Bg if tr.mask is None else torch.where(tr.mask, z, z - Bg)  # frozen: stay
         g_new = tr.evaluate(z_new) - z_new
-        restart = n == memory                             # memory full: restart from B = −I
-        if restart:
+        if n == memory:                                   # memory full: restart from B = −I
             n, Bg = 0, -g
-        Bg_new = B(g_new, U, V)
-        dzT_B = B(dz, V, U)                               # Bᵀ Δz = (Δzᵀ B)ᵀ
+        # Δz is the step as taken (z_new − z, not −B g: near z* the rounding of z + step is a
+        # large part of a small step, and the secant condition must hold for the step made)
+        dz, Bg_new = z_new - z, _low_rank(g_new, U, V, n)
+        dzT_B = _low_rank(dz, V, U, n)                    # Bᵀ Δz = (Δzᵀ B)ᵀ
         denom = dot(dzT_B, g_new - g)                     # Δzᵀ B Δg, (batch, 1)
-        size = denom.abs()
-        ok = (size > torch.finfo(acc).tiny) & (size < float("inf"))       # NaN fails both
+        # 1 / Δzᵀ B Δg, or 0 where it is not finite (Δzᵀ B Δg = 0 or NaN): no update there
+        inv = torch.nan_to_num(denom.reciprocal(), nan=0.0, posinf=0.0, neginf=0.0)
         if tr.mask is not None:
-            ok = ok & ~tr.mask                            # frozen samples: no update
-        # Δz − B Δg, with B Δg = B g_new − B g by linearity; as Δz = −B g (the rows of frozen
-        # samples aside, which make no update), it is −B g_new unless B was just restarted
-        u = dz - (Bg_new - Bg) if restart else -Bg_new
-        # the updated B times g_new, and u scaled by 1 / Δzᵀ B Δg (0 where no update is made)
-        Bg_new = torch.addcmul(Bg_new, u, torch.where(ok, dot(dzT_B, g_new) / denom, 0).to(u.dtype))
-        u = u * torch.where(ok, denom.reciprocal(), 0).to(u.dtype)
+            inv = inv.masked_fill(tr.mask, 0.0)           # frozen samples: no update
+        u = dz - (Bg_new - Bg)                            # Δz − B Δg (B Δg by linearity)
+        # the updated B times g_new, then u scaled: B ← B + u (Δzᵀ B) / Δzᵀ B Δg
+        Bg_new = torch.addcmul(Bg_new, u, (dot(dzT_B, g_new) * inv).to(u.dtype))
+        u = u * inv.to(u.dtype)
+        if n == U.shape[1]:                               # double the room (up to memory)
+            U, V = (torch.cat([W, torch.zeros_like(W[:, :memory - n])], 1) for W in (U, V))
         U, V = _write(U, (slice(None), n), u), _write(V, (slice(None), n), dzT_B)
         n += 1
         z, g, Bg = z_new, g_new, Bg_new

@@ -1,0 +1,55 @@
+"""``bench_solvers.py --sweeps``: the measurements behind two of deqlite's solver defaults.
+
+1. Broyden's ``memory`` (default 30): evaluations to the tolerance for memories 10 to 100, and
+   with every pair kept (memory = max_iter), in each regime. Fewer pairs cost less per step
+   (each application of B is a pass over the pairs in use) and restart sooner.
+2. ``check_every`` (default 1): time and evaluations of forward iteration, Anderson and
+   Broyden with the convergence test every 1, 2, 4 or 8 evaluations. On a CPU a test costs a
+   few small operations and a sync that waits for nothing; each evaluation past the end costs
+   a whole f. (On a GPU the sync stalls the queue of kernels: ``gpu_check.py`` times it there.)
+"""
+from __future__ import annotations
+
+import torch
+
+from _solver_problems import get_problem  # noqa: E402  (benchmarks/_solver_problems.py)
+from deqlite import solve
+
+MEMORIES = (10, 20, 30, 50, 100)
+PERIODS = (1, 2, 4, 8)
+CHECK_REGIMES = ("gaussian", "symmetric", "conv")
+
+
+def memory_sweep(regimes, width, batch, cell_batch, tol, max_iter):
+    print(f"\n## Broyden's memory: evaluations to rel. residual {tol:g} (\"!\": not there by "
+          f"max_iter)\n")
+    print("| regime | max_iter | " + " | ".join(f"memory {m}" for m in MEMORIES)
+          + " | every pair |")
+    print("| --- | --- |" + " --- |" * (len(MEMORIES) + 1))
+    with torch.no_grad():
+        for regime in regimes:
+            problem = get_problem(regime, width, batch, cell_batch)
+            n = min(max(max_iter, problem.max_iter_for(tol)), 3000)
+            cells = []
+            for memory in (*MEMORIES, n):
+                stats = solve(problem.f, problem.z0, solver="broyden", tol=tol, max_iter=n,
+                              memory=memory)[1]
+                cells.append(f"{stats.nfe}{'' if stats.all_converged else '!'}")
+            print(f"| {regime} | {n} | " + " | ".join(cells) + " |")
+
+
+def check_every_sweep(width, batch, cell_batch, tol, max_iter, repeats, interleaved_medians):
+    print(f"\n## check_every: median time (ms) and evaluations to rel. residual {tol:g}\n")
+    print("| regime | solver | " + " | ".join(f"every {k}" for k in PERIODS) + " |")
+    print("| --- | --- |" + " --- |" * len(PERIODS))
+    with torch.no_grad():
+        for regime in CHECK_REGIMES:
+            problem = get_problem(regime, width, batch, cell_batch)
+            n = max(max_iter, problem.max_iter_for(tol))
+            for solver in ("forward_iteration", "anderson", "broyden"):
+                runs = {k: (lambda k=k: solve(problem.f, problem.z0, solver=solver, tol=tol,
+                                              max_iter=n, check_every=k)[1]) for k in PERIODS}
+                nfe = {k: run().nfe for k, run in runs.items()}
+                times = interleaved_medians(runs, repeats)
+                print(f"| {regime} | {solver} | " + " | ".join(
+                    f"{times[k] * 1e3:.1f} ({nfe[k]})" for k in PERIODS) + " |")
