@@ -10,14 +10,13 @@ Per evaluation k (z_k, f(z_k)) and sample b, with crit the residual the stopping
 How the work is kept small (on a cell of width 256 an evaluation of f is ~0.14 ms, the cost of
 some thirty small tensor operations, so bookkeeping after every step would be most of a solve):
 
-* Booking in chunks. The iterates are copied into a ring of ``chunk`` slots (kept for the whole
-  solve: holding the iterates themselves would make the allocator return and re-fault their
-  memory) and booked together every ``chunk`` evaluations: one stack of the residuals, one
-  argmin per sample for the best iterate, one scan for each sample's first converged step.
+* Booking in chunks. The iterates are kept (references, no copies) and booked together every
+  ``chunk`` evaluations: one stack of the residuals, one argmin per sample for the best
+  iterate, one scan for each sample's first converged step.
   The rules above are applied retroactively, so the result is the same as booking after every
   evaluation (``tests/test_solver_bookkeeping.py``). The chunk shrinks for large states (its
-  ring stays under ``CHUNK_ELEMENTS`` numbers), down to 1, and is 1 when a callback wants
-  every step. Under autograd (``backward="unrolled"``) the iterates are kept, not copied.
+  iterates stay under ``CHUNK_ELEMENTS`` numbers), down to 1, and is 1 when a callback wants
+  every step.
 * A cheap stopping test. The only per-step work is the two norms of the residual and, every
   ``check_every`` evaluations, "has every sample met tol once?" (a running mask and one
   ``all()``). That test is exact: the solve ends at the very evaluation it would end at if it
@@ -36,8 +35,8 @@ import torch
 
 from .stats import EPS, SolverStats
 
-CHUNK_ELEMENTS = 2 ** 21      # the ring of iterates: at most this many numbers (8 MB in float32)
-MAX_CHUNK = 16                # (16 states of 64 × 256: 1 MB, about a core's L2 cache)
+CHUNK_ELEMENTS = 2 ** 21      # a chunk's iterates: at most this many numbers (8 MB in float32)
+MAX_CHUNK = 16                # (more made no difference; 64 iterates of 64 KB were slower)
 
 
 class Tracker:
@@ -59,14 +58,14 @@ class Tracker:
         self.acc = torch.promote_types(z0.dtype, torch.float32)   # a float16 norm overflows at 65504
         self.nfe, self.booked = 0, 0
         self.pending: list = []                       # iterates since the last booking
-        self.diff = self.ring = None
+        self.diff = None
         self.abs_res: list = []                       # (batch,) ‖f(z) − z‖ per evaluation
         self.size: list = []                          # (batch,) ‖f(z)‖ per evaluation
         self.met = torch.zeros(batch, dtype=torch.bool, device=z0.device)    # met tol once
         self.done, self.failed = torch.zeros_like(self.met), torch.zeros_like(self.met)
         self.frozen, self.mask, self.all_frozen = torch.zeros_like(self.met), None, False
         self.frozen_at = torch.full((batch,), max_iter, dtype=torch.long, device=z0.device)
-        self.best_z = z0
+        self.best_z = self.z0 = z0
         self.best_crit = torch.full((batch,), float("inf"), dtype=self.acc, device=z0.device)
         self.best_k = torch.full((batch,), -1, dtype=torch.long, device=z0.device)  # its evaluation
         self.start = time.perf_counter()
@@ -74,14 +73,11 @@ class Tracker:
     def evaluate(self, z: torch.Tensor) -> torch.Tensor:
         fz = self.apply(z)
         self.nfe += 1
-        if torch.is_grad_enabled():       # backward="unrolled": keep z itself (and its graph)
-            self.pending.append(z)
+        self.pending.append(z)            # (under autograd: with its graph, for the best iterate)
+        if torch.is_grad_enabled():       # backward="unrolled": no graph for the residuals
             with torch.no_grad():
                 test = self._residual(z, fz)
-        else:                             # a copy into a buffer kept for the whole solve: holding
-            if self.ring is None:         # the iterates instead would make the allocator return
-                self.ring = z.new_empty(self.chunk, *z.shape)     # and re-fault their memory
-            self.pending.append(self.ring[len(self.pending)].copy_(z))
+        else:
             test = self._residual(z, fz)
         if len(self.pending) >= self.chunk or (test and self.met.all()):
             self.book()                     # (outside no_grad: the best iterate keeps its graph)
@@ -127,7 +123,7 @@ class Tracker:
         # it is every sample's, else one where per step that has any (no stack of c states).
         steps = torch.where(better, at, -1).tolist()                          # (a host sync)
         if steps == [len(pending) - 1] * len(steps):
-            self.best_z = pending[-1].clone()                    # (a ring slot is overwritten)
+            self.best_z = pending[-1]
             return
         for k in sorted(set(steps) - {-1}):
             self.best_z = torch.where((better & (at == k))[:, None], pending[k], self.best_z)
@@ -173,7 +169,7 @@ class Tracker:
         if self.best_z.is_cuda:
             torch.cuda.synchronize(self.best_z.device)
         best_z = self.best_z.masked_fill(never[:, None], float("nan")) if bool(never.any()) \
-            else self.best_z
+            else self.best_z.clone() if self.best_z is self.z0 else self.best_z   # not z0 itself
         return best_z, SolverStats(
             solver=self.name, nfe=self.nfe, abs_residuals=r_abs, rel_residuals=r_rel,
             converged=self.done, final_abs=best_abs, final_rel=best_rel, tol=self.tol,

@@ -152,14 +152,15 @@ class _Map:
     returns f(z) flat. ``dtype`` is the least precise of the state's and f's (autocast)."""
 
     def __init__(self, f, spec: Any, z0: torch.Tensor):
-        self.f, self.spec, self.dtype = f, spec, z0.dtype
+        self.f, self.spec, self.dtype, self.device = f, spec, z0.dtype, z0.device
+        self.state_dtype = z0.dtype
         self.shape = (len(z0), *spec) if isinstance(spec, tuple) else None   # a tensor state
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         state = z if self.shape == z.shape else unflatten_state(z, self.spec)
         fz = self.f(state)
-        if isinstance(fz, torch.Tensor) and fz.shape == self.shape and fz.dtype is z.dtype \
-                and fz.device == z.device:
+        if isinstance(fz, torch.Tensor) and fz.shape == self.shape and fz.dtype is self.state_dtype \
+                and fz.device == self.device:
             return fz if fz.dim() == 2 else fz.flatten(1)          # the common case, quickly
         flat, spec = flatten_state(fz, "f(z)", check=False) if _is_state(fz) else (z[:0], None)
         dtype_ok = flat.dtype == z.dtype or torch.is_autocast_enabled(z.device.type)  # on purpose

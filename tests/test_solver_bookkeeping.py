@@ -95,3 +95,12 @@ def test_large_states_are_booked_every_step_and_small_ones_in_chunks():
         return tracker.Tracker("t", lambda z: z, z, tol=0, max_iter=5, stop="rel", callback=None,
                                check_every=1).chunk
     assert chunk((8, 2 ** 20)) == 1 and chunk((64, 256)) == tracker.MAX_CHUNK
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_returned_state_is_never_the_callers_z0(name):
+    """With one evaluation the best iterate is z0: it comes back as a copy, so changing one in
+    place cannot change the other."""
+    z0 = torch.zeros(2, 3, dtype=DT)
+    z, stats = solve(lambda z: 0.5 * z + 1, z0, solver=name, max_iter=1)
+    assert stats.nfe == 1 and torch.equal(z, z0) and z.data_ptr() != z0.data_ptr()
