@@ -3,9 +3,10 @@
     cell (weight-tied, input-injected f(z, x))  +  solver (z* = f(z*, x))  +  gradient rule (IFT)
 
 The core is this folder: ``cells`` (and ``transformer_xl``, the published DEQ-Transformer's
-block with its memory, and ``trellis``, the TrellisNet cell), ``solvers``, ``gradients``,
-``deq`` (the three put together; ``_checks``: what a call checks), ``stats``, ``jacobian``,
-``projections``, ``jiio``, ``memory``, ``diagnostics``, ``plots``. The application (``models``, ``data``,
+block with its memory, and ``trellis``, the TrellisNet cell), ``solvers`` (``_tracker``: the
+per-sample bookkeeping they share), ``gradients``, ``deq`` (the three put together;
+``_checks``: what a call checks), ``stats``, ``jacobian``, ``projections``, ``jiio``,
+``memory``, ``diagnostics``, ``plots``. The application (``models``, ``data``,
 ``train``) and the classroom (``classroom``) are subpackages that import the core, never the
 other way round. See the notebooks in ``notebooks/`` for the guided tour.
 """
