@@ -56,9 +56,11 @@ class Tracker:
         self.chunk = 1 if callback is not None else \
             max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // max(1, batch * dim)))
         self.acc = torch.promote_types(z0.dtype, torch.float32)   # a float16 norm overflows at 65504
+        self.norm_dtype = None if self.acc == z0.dtype else self.acc   # (passing one costs time)
+        self.grad = torch.is_grad_enabled()
         self.nfe, self.booked = 0, 0
         self.pending: list = []                       # iterates since the last booking
-        self.diff = None
+        self.diff = self.fz_dtype = None
         self.abs_res: list = []                       # (batch,) ‖f(z) − z‖ per evaluation
         self.size: list = []                          # (batch,) ‖f(z)‖ per evaluation
         self.met = torch.zeros(batch, dtype=torch.bool, device=z0.device)    # met tol once
@@ -74,7 +76,7 @@ class Tracker:
         fz = self.apply(z)
         self.nfe += 1
         self.pending.append(z)            # (under autograd: with its graph, for the best iterate)
-        if torch.is_grad_enabled():       # backward="unrolled": no graph for the residuals
+        if self.grad:                     # backward="unrolled": no graph for the residuals
             with torch.no_grad():
                 test = self._residual(z, fz)
         else:
@@ -85,16 +87,17 @@ class Tracker:
 
     def _residual(self, z: torch.Tensor, fz: torch.Tensor) -> bool:
         """Record ‖f(z) − z‖ and ‖f(z)‖; every ``check_every`` evaluations update ``met``."""
-        dtype = torch.promote_types(fz.dtype, z.dtype)      # (under autocast f's may be lower)
-        if self.diff is None or self.diff.dtype != dtype:
-            self.diff = fz.new_empty(fz.shape, dtype=dtype)  # f(z) − z, in one reused buffer
-        r_abs = torch.linalg.vector_norm(torch.sub(fz, z, out=self.diff), dim=1, dtype=self.acc)
-        size = torch.linalg.vector_norm(fz, dim=1, dtype=self.acc)
+        if self.diff is None or fz.dtype is not self.fz_dtype:   # (under autocast f's dtype may
+            self.fz_dtype = fz.dtype                              # be lower than the state's)
+            self.diff = fz.new_empty(fz.shape, dtype=torch.promote_types(fz.dtype, z.dtype))
+        r_abs = torch.linalg.vector_norm(torch.sub(fz, z, out=self.diff), dim=1,
+                                         dtype=self.norm_dtype)  # f(z) − z in one reused buffer
+        size = torch.linalg.vector_norm(fz, dim=1, dtype=self.norm_dtype)
         self.abs_res.append(r_abs)
         self.size.append(size)
         if self.tol == 0 or self.nfe % self.check_every:
             return False
-        crit = r_abs / (size + EPS) if self.rel else r_abs
+        crit = r_abs / (size + EPS) if self.rel else r_abs      # (as ``book`` computes it)
         self.met |= (crit > self.tol).logical_not_()        # NaN counts too: it freezes the sample
         return True
 

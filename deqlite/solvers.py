@@ -155,9 +155,10 @@ class _Map:
         self.f, self.spec, self.dtype, self.device = f, spec, z0.dtype, z0.device
         self.state_dtype = z0.dtype
         self.shape = (len(z0), *spec) if isinstance(spec, tuple) else None   # a tensor state
+        self.flat = self.shape is not None and len(spec) == 1                # of shape (batch, D)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        state = z if self.shape == z.shape else unflatten_state(z, self.spec)
+        state = z if self.flat else unflatten_state(z, self.spec)
         fz = self.f(state)
         if isinstance(fz, torch.Tensor) and fz.shape == self.shape and fz.dtype is self.state_dtype \
                 and fz.device == self.device:
