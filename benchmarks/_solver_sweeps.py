@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from _solver_problems import get_problem  # noqa: E402  (benchmarks/_solver_problems.py)
+from _timing import interleaved_medians  # noqa: E402  (benchmarks/_timing.py)
 from deqlite import solve
 
 MEMORIES = (10, 20, 30, 50, 100)
@@ -38,7 +39,7 @@ def memory_sweep(regimes, width, batch, cell_batch, tol, max_iter):
             print(f"| {regime} | {n} | " + " | ".join(cells) + " |")
 
 
-def check_every_sweep(width, batch, cell_batch, tol, max_iter, repeats, interleaved_medians):
+def check_every_sweep(width, batch, cell_batch, tol, max_iter, repeats):
     print(f"\n## check_every: median time (ms) and evaluations to rel. residual {tol:g}\n")
     print("| regime | solver | " + " | ".join(f"every {k}" for k in PERIODS) + " |")
     print("| --- | --- |" + " --- |" * len(PERIODS))

@@ -68,10 +68,8 @@ import argparse
 import contextlib
 import importlib.metadata
 import math
-import statistics
 import time
 import warnings
-from typing import Callable, Hashable
 
 import torch
 
@@ -79,6 +77,7 @@ from _solver_problems import (CELL_REGIMES, GRADIENT_REGIMES, REGIMES,  # benchm
                               conv_problem, get_problem, make_problem, mlp_problem,
                               spectral_radius)
 from _solver_sweeps import check_every_sweep, memory_sweep  # noqa: E402  (benchmarks/)
+from _timing import interleaved_medians  # noqa: E402  (benchmarks/_timing.py)
 from deqlite import DEQ, solve
 
 try:
@@ -140,23 +139,6 @@ def worst_rel_residual(f, z) -> float:
         fz = f(z)
         res = (fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9)
         return res.max().item()
-
-
-def interleaved_medians(runs: dict[Hashable, Callable[[], object]], repeats: int) -> dict:
-    """``{name: median wall time}`` of each callable of ``runs`` (name → callable): one untimed
-    warm-up call each, then ``repeats`` rounds in which every callable runs once, round-robin,
-    the first one of a round rotating (so no contestant always follows the same neighbour)."""
-    names = list(runs)
-    for name in names:
-        runs[name]()
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            start = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def solver_runs(z0, tol, max_iter):
@@ -463,8 +445,7 @@ def main(argv=None):
             print_gradients(regime, rows, n)
     if args.sweeps:
         memory_sweep(args.regimes, width, batch, cell_batch, args.tol, args.max_iter)
-        check_every_sweep(width, batch, cell_batch, args.tol, args.max_iter, repeats,
-                          interleaved_medians)
+        check_every_sweep(width, batch, cell_batch, args.tol, args.max_iter, repeats)
     print(f"\n(run time {time.perf_counter() - start:.0f} s)")
 
 

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .stats import EPS, SolverStats
+from .stats import EPS, SolverStats, relative_residual
 
 CHUNK_ELEMENTS = 2 ** 21      # a chunk's iterates: at most this many numbers (8 MB in float32)
 MAX_CHUNK = 16                # (more made no difference; 64 iterates of 64 KB were slower)
@@ -134,7 +134,7 @@ class Tracker:
     def _freeze(self, k0: int, r_abs: torch.Tensor, size: torch.Tensor):
         """Freeze the samples that converged or were lost in the chunk starting at evaluation k0;
         return, per sample, the lowest residual among the chunk's steps that count and its step."""
-        r_rel = torch.where(torch.isinf(size), float("nan"), r_abs / (size + EPS))
+        r_rel = relative_residual(r_abs, size)
         crit = r_rel if self.rel else r_abs
         finite = torch.isfinite(crit)
         event = (crit <= self.tol) | ~finite                          # converged or lost, per step
@@ -161,7 +161,7 @@ class Tracker:
         self.book()
         with torch.no_grad():
             r_abs, size = torch.stack(self.abs_res), torch.stack(self.size)
-            r_rel = torch.where(torch.isinf(size), float("nan"), r_abs / (size + EPS))
+            r_rel = relative_residual(r_abs, size)
             steps = torch.arange(self.nfe, device=r_abs.device)[:, None]
             rows = torch.minimum(steps, self.frozen_at[None])         # a frozen sample's trace
             r_abs, r_rel = r_abs.gather(0, rows), r_rel.gather(0, rows)  # repeats its last value

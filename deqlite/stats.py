@@ -31,7 +31,12 @@ def residuals(fz: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     dtype = torch.promote_types(fz.dtype, torch.float32)
     r_abs = torch.linalg.vector_norm((fz - z).flatten(1), dim=1, dtype=dtype)
     size = torch.linalg.vector_norm(fz.flatten(1), dim=1, dtype=dtype)
-    return r_abs, torch.where(torch.isinf(size), float("nan"), r_abs / (size + EPS))
+    return r_abs, relative_residual(r_abs, size)
+
+
+def relative_residual(r_abs: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """‖f(z) − z‖ / (‖f(z)‖ + eps) from the two norms; NaN where ‖f(z)‖ overflowed to inf."""
+    return torch.where(torch.isinf(size), float("nan"), r_abs / (size + EPS))
 
 
 @dataclass
