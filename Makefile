@@ -6,12 +6,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deqlite-installed
 BROWSER_STAMP := $(VENV)/.deqlite-browser-installed
+BOOK_STAMP := $(VENV)/.deqlite-book-installed
 
 WORK   ?= work
 # JupyterLab refuses to run as root (containers) unless told it may
 ROOT_OK := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: install lab lab-instructor test test-nbgrader nbval test-browser student notebook-times clean
+.PHONY: install lab lab-instructor test test-nbgrader nbval test-browser book book-fast student notebook-times clean
 
 install: $(STAMP)
 
@@ -60,12 +61,29 @@ student: install
 # The notebooks as a learner meets them: JupyterLab in headless Chromium (tests/browser/).
 # Installs Debian's chromium with apt-get when it is missing; screenshots go to test-artifacts/browser/.
 $(BROWSER_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,browser]'
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,browser,book]'
 	@touch $@
 
 test-browser: install $(BROWSER_STAMP)
 	bash tests/browser/ensure_chromium.sh
 	$(BIN)/python -m pytest tests/browser -v
+
+# The course as a website (Sphinx + myst-nb; docs/README.md): the READMEs, the notebooks executed
+# in default mode, the instructors' guide, the benchmarks and the API reference, in
+# build/book/html/ (open index.html, or serve it: python -m http.server -d build/book/html).
+# Executed notebooks are cached: a rebuild re-executes only the notebooks whose code changed
+# (every notebook after a change to deqlite's source). `make book-fast` builds it in fast mode
+# (DEQLITE_FAST=1, minutes) in build/book-fast/, which `make test-browser` then checks.
+BOOK_OUT ?= build/book
+$(BOOK_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,book]'
+	@touch $@
+
+book: install $(BOOK_STAMP)
+	$(BIN)/python docs/build.py $(BOOK_OUT)
+
+book-fast: install $(BOOK_STAMP)
+	DEQLITE_FAST=1 $(BIN)/python docs/build.py build/book-fast
 
 # Every notebook run top to bottom in default mode, one after the other; the times go to
 # benchmarks/notebook_times.md (the table in notebooks/INSTRUCTORS.md comes from it).
