@@ -40,10 +40,14 @@ run files:
                       (read it with deqlite.train.read_log, draw it live with dashboard.follow)
   runs/CONFIG.pt      the checkpoint: written atomically with a checksum at the end of every
                       epoch (checkpoint_every), and on Ctrl-C
-A fresh run never touches an existing run's files: it stops and asks for --resume, other
---log/--checkpoint paths, or --overwrite. --resume needs the checkpoint, keeps the run's
-settings and accepts only --set epochs=/max_steps= (train further) and --set for
-log_path, checkpoint_path, data_root, download, num_workers, device.
+  DIR/events.out.*    with --set tensorboard=DIR (off by default): the log's numbers as
+                      TensorBoard scalars (pip install 'deqlite[tensorboard]'); see them with
+                      tensorboard --logdir DIR
+A fresh run never touches an existing run's files (nor event files in DIR): it stops and asks
+for --resume, other --log/--checkpoint paths, or --overwrite. --resume needs the checkpoint,
+keeps the run's settings (and its tensorboard DIR unless --set names another) and accepts only
+--set epochs=/max_steps= (train further) and --set for log_path, checkpoint_path, tensorboard,
+data_root, download, num_workers, device.
 """
 
 
@@ -65,7 +69,8 @@ def _arguments(argv) -> argparse.Namespace:
     group.add_argument("--resume", action="store_true",
                        help="go on with the run whose checkpoint is at --checkpoint")
     group.add_argument("--overwrite", action="store_true",
-                       help="start afresh, deleting the log and checkpoint of the run at these paths")
+                       help="start afresh, deleting the log and checkpoint of the run at these paths "
+                            "(and the event files in its tensorboard folder)")
     return parser.parse_args(argv)
 
 
@@ -91,6 +96,8 @@ def _resume_changes(config: TrainConfig, state: dict, path: str) -> dict:
     saved = dataclasses.asdict(TrainConfig.from_dict(state["config"]))
     given = dataclasses.asdict(config)
     changed = {k: v for k, v in given.items() if v != saved[k]}
+    if given["tensorboard"] is None:            # not named on this command line: the run's own
+        changed.pop("tensorboard", None)
     fixed = [k for k in changed if k not in RESUMABLE]
     if fixed:
         lines = "\n".join(f"  {k}: the run has {saved[k]!r}, the command asks for {given[k]!r}"
@@ -112,7 +119,7 @@ def _trainer(args, config: TrainConfig, main_process: bool) -> Trainer | None:
         except (FileNotFoundError, DataFileError) as e:
             raise SystemExit(f"--config {args.config}: {e}") from None
     if not args.resume:
-        taken = run_files_in_use(log, checkpoint) if main_process else []
+        taken = run_files_in_use(log, checkpoint, config.tensorboard) if main_process else []
         if taken and not args.overwrite:
             raise SystemExit(files_in_use_message(taken, cli=True))
         try:

@@ -15,9 +15,10 @@ levels load with ``weights_only=True``: no code in a checkpoint is ever run. Fil
 atomically (``deqlite._files.atomic_write``): an interrupted or failed save keeps the previous
 checkpoint.
 
-A fresh run whose log or checkpoint path already exists stops before it writes anything
-(``run_files_in_use``, ``files_in_use_message``): resume it, write elsewhere, or overwrite it on
-purpose. ``deferred_interrupt`` holds Ctrl-C back until a training step is done and logged.
+A fresh run whose log or checkpoint path already exists, or whose TensorBoard folder holds event
+files, stops before it writes anything (``run_files_in_use``, ``files_in_use_message``): resume
+it, write elsewhere, or overwrite it on purpose. ``deferred_interrupt`` holds Ctrl-C back until
+a training step is done and logged.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from typing import Optional
 import torch
 
 from .._files import atomic_write, missing_file, serialize
+from .tensorboard_log import EVENT_FILES, event_files
 
 FORMAT, VERSION = "deqlite-checkpoint", 1
 STATE_KEYS = ("config", "step", "model", "optimizer", "scheduler")
@@ -122,21 +124,27 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
-def run_files_in_use(log_path: Optional[str], checkpoint_path: Optional[str]) -> list[str]:
-    """The files of a run at these paths that already exist (a fresh run must not touch them)."""
-    return [p for p in (log_path, checkpoint_path) if p and Path(p).exists()]
+def run_files_in_use(log_path: Optional[str], checkpoint_path: Optional[str],
+                     tensorboard: Optional[str] = None) -> list[str]:
+    """The files of a run at these paths that already exist (a fresh run must not touch them):
+    the log, the checkpoint, the TensorBoard event files in the folder `tensorboard`."""
+    return [p for p in (log_path, checkpoint_path) if p and Path(p).exists()] + \
+        event_files(tensorboard)
 
 
 def files_in_use_message(files: list[str], *, cli: bool) -> str:
-    """What to do when a fresh run's log or checkpoint already exists."""
+    """What to do when a fresh run's log, checkpoint or TensorBoard events already exist."""
     if cli:
-        options = ("--resume to go on with that run, --log/--checkpoint to start another beside "
-                   "it, or --overwrite to replace it")
+        options = ("--resume to go on with that run, --log/--checkpoint (and --set tensorboard=) to "
+                   "start another beside it, or --overwrite to replace it")
     else:
         options = ("Trainer.resume(checkpoint) to go on with that run, other log_path/"
-                   "checkpoint_path to start another beside it, or Trainer(config, "
+                   "checkpoint_path/tensorboard to start another beside it, or Trainer(config, "
                    "overwrite=True) to replace it")
-    return f"{' and '.join(files)} already hold a run; nothing was changed. Use {options}."
+    events = [f for f in files if Path(f).match(EVENT_FILES)]
+    named = [f for f in files if f not in events] + (
+        [f"the {len(events)} TensorBoard event file(s) in {Path(events[0]).parent}"] if events else [])
+    return f"{' and '.join(named)} already hold a run; nothing was changed. Use {options}."
 
 
 @contextlib.contextmanager

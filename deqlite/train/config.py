@@ -16,6 +16,7 @@ The settings and what they do are the fields below (each with a comment); the gr
   with ``jac_reg_increment*`` raising γ in steps, ``pretrain_jac_reg_weight``); the formulas are
   in ``deq_hooks``;
 * bookkeeping: ``seed``, ``device``, ``log_path``, ``checkpoint_path``/``checkpoint_every``,
+  ``tensorboard`` (a folder for TensorBoard events of the log's numbers, ``tensorboard_log``),
   ``eval_every``, ``eval_jacobian_samples``.
 
 At scale (the vision recipes), what the trainer does with these settings:
@@ -38,8 +39,9 @@ At scale (the vision recipes), what the trainer does with these settings:
 from __future__ import annotations
 
 import dataclasses
-import math
 import inspect
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -56,8 +58,8 @@ RECIPE_RULES = ("sequence", "vision")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # what a resumed run may change: how far it trains, where its files and data are, how it loads
 # and which device it runs on (none changes the steps already taken); anything else is a new run
-RESUMABLE = ("epochs", "max_steps", "log_path", "checkpoint_path", "data_root", "download",
-             "num_workers", "device")
+RESUMABLE = ("epochs", "max_steps", "log_path", "checkpoint_path", "tensorboard", "data_root",
+             "download", "num_workers", "device")
 
 
 @dataclass
@@ -108,6 +110,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                   # "auto": cuda when available (cuda:$LOCAL_RANK under torchrun)
     log_path: Optional[str] = None         # JSONL, one record per step / evaluation
+    tensorboard: Optional[str] = None      # a folder: the log's numbers also as TensorBoard events (rank 0)
     checkpoint_path: Optional[str] = None
     checkpoint_every: int = 0              # steps; 0: at the end of every epoch
     eval_every: int = 0                    # steps; 0: at the end of every epoch
@@ -143,6 +146,8 @@ class TrainConfig:
                 raise TypeError(f"{name} must be a dict of options, e.g. --set {name}.KEY=VALUE; "
                                 f"got {getattr(self, name)!r}.")
         _check_device(self.device)
+        if self.tensorboard is not None:
+            self.tensorboard = _check_folder(self.tensorboard, "tensorboard")
         for name in ("pretrain_steps", "pretrain_depth", "checkpoint_every", "seed", "num_workers",
                      "jac_reg_ramp_steps", "eval_jacobian_samples", "eval_every", "lr_warmup_steps",
                      "max_iter_jitter", "jac_reg_increment_every"):
@@ -193,6 +198,18 @@ def _check_device(name) -> None:
     except RuntimeError:
         hint = " (PyTorch calls a GPU \"cuda\")" if name.lower().startswith("gpu") else ""
         raise ValueError(f"device {name!r} is not a device{hint}: use {valid}.") from None
+
+
+def _check_folder(value, name: str) -> str:
+    """A folder path: a non-empty str or os.PathLike, kept as a str (checkpoints hold the config,
+    and load only plain values)."""
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a folder path (a string, e.g. runs/tb) or None; got "
+                        f"{value!r}.")
+    if not path:
+        raise ValueError(f"{name} must be a folder path, e.g. runs/tb (None: off); got \"\".")
+    return path
 
 
 def _check_optimizer_options(name: str, options: dict) -> None:

@@ -17,7 +17,8 @@ residual, ``nonfinite`` (samples the solves lost to NaN/inf, under any ``on_fail
 ``jac_weight`` (γ_k) and ``jac_loss`` (when applied). Evaluations (every ``eval_every`` steps,
 or at the end of each epoch; in the warm-up unrolled ``pretrain_eval_depth`` times) log the
 held-out loss and quality, mean forward NFE, ``nonfinite``, and ρ(J) and ‖J‖²_F / d at z* on the
-first ``eval_jacobian_samples`` held-out examples.
+first ``eval_jacobian_samples`` held-out examples. With ``tensorboard`` set, rank 0 writes every
+number of every record as a TensorBoard scalar too (``deqlite.train.tensorboard_log``).
 
 At scale: bf16/fp16 autocast, channels-last, gradient clipping, streamed datasets and
 ``torchrun`` (``DistributedDataParallel``): what each does is in ``deqlite.train.config``.
@@ -35,9 +36,9 @@ given the same number of processes (on a GPU, up to the nondeterminism of some C
 With another number of processes it goes on, but not bit for bit. A text run resumes exactly on
 the same token stream: for ``stdlib_chars``, under the same Python version.
 
-Nothing is lost, nothing silent: a fresh run never touches an existing run's log or checkpoint
-(``overwrite=True`` to replace them); the log is only appended to; checkpoints carry a checksum
-(``deqlite.train.checkpoint``); a NaN/inf loss or gradient stops the run with
+Nothing is lost, nothing silent: a fresh run never touches an existing run's log, checkpoint or
+TensorBoard events (``overwrite=True`` to replace them); the log is only appended to; checkpoints
+carry a checksum (``deqlite.train.checkpoint``); a NaN/inf loss or gradient stops the run with
 ``TrainingDiverged`` before the update, and NaN weights are never checkpointed. The command line
 is ``python -m deqlite.train`` (``deqlite.train.__main__``).
 """
@@ -57,7 +58,7 @@ from tqdm.auto import tqdm
 
 from .._validate import lookup
 from ..models import MODELS, build_model
-from . import deq_hooks
+from . import deq_hooks, tensorboard_log
 from .checkpoint import (deferred_interrupt, files_in_use_message, load_checkpoint,
                          run_files_in_use, save_checkpoint)
 from .config import AMP, OPTIMIZERS, RESUMABLE, TrainConfig
@@ -79,9 +80,9 @@ class Trainer:
     ``data``: the (train, held-out) datasets to train on instead of loading ``config.dataset``
     (which still says what kind of task it is), e.g. synthetic ones for a benchmark.
 
-    The run's files are its own: a fresh run whose ``log_path`` or ``checkpoint_path`` already
-    exists stops at ``fit()`` with a message (nothing is touched) unless ``overwrite=True``, which
-    deletes them first. ``Trainer.resume(checkpoint)`` goes on with that run instead.
+    The run's files are its own: a fresh run whose ``log_path`` or ``checkpoint_path`` exists, or
+    whose ``tensorboard`` folder holds event files, stops at ``fit()`` (nothing is touched) unless
+    ``overwrite=True``, which deletes them first. ``Trainer.resume(checkpoint)`` goes on instead.
     """
 
     def __init__(self, config: TrainConfig | dict, *, data: Optional[tuple] = None,
@@ -114,6 +115,7 @@ class Trainer:
         self._updating = False             # inside the optimizer's update
         self.checkpoint_step: Optional[int] = None     # the step of the last checkpoint written
         self._resumed_at: Optional[int] = None         # the checkpoint's step, for the log's mark
+        self.tensorboard = tensorboard_log.TensorBoardLog(c.tensorboard, self.place.is_main)
 
     @property
     def train_set(self):
@@ -134,8 +136,7 @@ class Trainer:
 
     def _autocast(self):
         dtype = AMP[self.config.amp]
-        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type,
-                                                                              dtype=dtype)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def _deq_options(self, **knobs):
         """The DEQ's knobs for one step (nothing for an explicit model)."""
@@ -182,8 +183,7 @@ class Trainer:
         w, elapsed = self.place.world_size, time.perf_counter() - start
         return dict(split="train", step=self.step, epoch=epoch, loss=mean_loss / w,
                     **self.task.quality(mean_loss / w, acc / w if acc is not None else None),
-                    lr=lr, pretrain=warm_up,
-                    **self.task.speed(y, w, elapsed),
+                    lr=lr, pretrain=warm_up, **self.task.speed(y, w, elapsed),
                     jac_weight=gamma if c.jac_reg_weight or c.pretrain_jac_reg_weight
                     or c.jac_reg_increment else None,
                     jac_loss=mean_jac / w if mean_jac is not None else None,
@@ -298,11 +298,12 @@ class Trainer:
                     nonfinite=int(lost) if self.deq is not None else None, **jacobian)
 
     def _record(self, record: dict, callback) -> None:
-        """Keep the record (every process), append it to the log (rank 0), pass it to `callback`."""
+        """Keep it (every process), log it (rank 0: JSONL, TensorBoard), pass it to `callback`."""
         record["time"] = time.time()
         self.history.append(record)
         if self.config.log_path and self.place.is_main:
             append_record(self.config.log_path, record)
+        self.tensorboard.write(record)
         if callback is not None:
             callback(record)
 
@@ -317,20 +318,18 @@ class Trainer:
             return self._fit(callback, progress)
 
     def _claim_files(self) -> None:
-        """A fresh run's log and checkpoint paths must be free, or ``overwrite=True`` (rank 0)."""
-        self._files_claimed = True
-        c = self.config
-        taken = run_files_in_use(c.log_path, c.checkpoint_path) if self.place.is_main else []
+        """A fresh run's log, checkpoint, event files must be free, or ``overwrite=True`` (rank 0)."""
+        c, main = self.config, self.place.is_main
+        taken = run_files_in_use(c.log_path, c.checkpoint_path, c.tensorboard) if main else []
         if taken and not self.overwrite:
-            self._files_claimed = False
             raise FileExistsError(files_in_use_message(taken, cli=False))
-        for path in taken:
+        for path in taken:               # (of a TensorBoard folder only its event files)
             Path(path).unlink()
+        self._files_claimed = True
 
     def _evaluation_due(self) -> bool:
-        c = self.config
-        return self.step % (c.eval_every or self.steps_per_epoch) == 0 \
-            or self.step == self.total_steps
+        every = self.config.eval_every or self.steps_per_epoch
+        return self.step % every == 0 or self.step == self.total_steps
 
     def _fit(self, callback, progress) -> list[dict]:
         c, main = self.config, self.place.is_main
@@ -339,6 +338,7 @@ class Trainer:
         if self._resumed_at is not None and c.log_path and main:
             append_resume(c.log_path, self._resumed_at)
         self._resumed_at = None
+        self.tensorboard.open(self.step)      # rank 0; events after self.step are superseded
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress and main),
                    desc=f"{c.model} on {c.dataset}", unit="step")
         try:
@@ -376,6 +376,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+            self.tensorboard.close()      # what was written is kept, also on an error or Ctrl-C
         if c.log_path and main:
             append_done(c.log_path, self.step)
         return self.history
