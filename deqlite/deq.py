@@ -235,7 +235,7 @@ class DEQ(nn.Module):
 
     def fixed_point_map(self, x: torch.Tensor, z0: Optional[State] = None,
                         **context: Any) -> FixedPointMap:
-        """The map f(z) = cell(z, inject(x, **context)) on flat states (batch, D) for the input x
+        """The map f(z) = ``cell(z, inject(x, **context))`` on flat states (batch, D) for the input x
         (and the `context`, e.g. a memory: the module docstring), its flat starting state (z0, or
         the cell's ``init_state``) and how to unflatten a state (a cell may keep a list of
         tensors, e.g. one per scale). The injection is computed once here, and x, z0 and the

@@ -24,7 +24,7 @@ at once, as ONE fixed point of the augmented map over w = (z, μ, x):
     T(z, μ, x) = ( f(z, x),  J_zᵀμ + ∇_zℓ,  Π_C(x − α (J_xᵀμ + ∇_xℓ)) ).
 
 One T costs one evaluation of f and one vector–Jacobian product: a single reverse pass through
-f and ℓ with weights (μ, 1) gives J_zᵀμ + ∇_zℓ and J_xᵀμ + ∇_xℓ together. Iterates are
+f and ℓ with weights (μ, 1) gives J_zᵀμ + ∇_zℓ and J_xᵀμ + ∇_xℓ together. Iterates are::
 
     damped:    z ← z + a (f − z),  μ ← μ + b (J_zᵀμ + ∇_zℓ − μ),  x ← Π_C(x − α ∇_x L)
     anderson:  Anderson acceleration (``solvers.AndersonMixer``) on the joint state, then Π_C on x

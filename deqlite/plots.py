@@ -102,6 +102,8 @@ def _residual_axes(ax, stop: str, tol: Optional[float]) -> None:
 class LiveResidualPlot(LiveFigure):
     """Residual vs. function evaluations, one line per solver, drawn while the solvers run.
 
+    ::
+
         plot = LiveResidualPlot(["anderson", "broyden"], tol=1e-4)
         for name in ["anderson", "broyden"]:
             solve(f, z0, solver=name, tol=1e-4, callback=plot.callback(name))

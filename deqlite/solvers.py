@@ -2,7 +2,7 @@
 
 Every solver has one signature,
 
-    solve(f, z0, *, tol, max_iter, stop="rel", callback=None, **options) -> (z_star, SolverStats)
+    ``solve(f, z0, *, tol, max_iter, stop="rel", callback=None, **options) -> (z_star, SolverStats)``
 
 and the same batch conventions:
 

@@ -45,7 +45,7 @@ class TransformerXLCell(nn.Module):
     the previous one, with the input injected into the attention's queries, keys and values.
 
     Shapes: states z (batch, T, d) for the T tokens of the segment; memory (``Memory``) of M
-    earlier tokens; K = M + T keys. With h = [z_mem; z] (batch, K, d):
+    earlier tokens; K = M + T keys. With h = [z_mem; z] (batch, K, d)::
 
         inject:  u = W_u x + b_u  (batch, T, 3d)          the input injection, once per segment
                  U = [u_mem; u]   (batch, K, 3d)

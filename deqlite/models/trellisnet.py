@@ -2,6 +2,8 @@
 the paper's second instantiation) and the explicit TrellisNet it comes from (Bai, Kolter, Koltun,
 "Trellis Networks for Sequence Modeling", ICLR 2019).
 
+::
+
     x_t  = √d · e(token_t)                         token embedding, no positions (see below)
     z*   = f(z*, x),  z = [h; c]                   DEQ over a ``deqlite.trellis.TrellisCell``
     y_t  = h*_t[d_hidden − d_model :]              the last d_model features of h* (locuslab's

@@ -4,7 +4,7 @@ with the learning-rate schedule, which the DEQ recipes shape around the warm-up.
 Steps are counted from 0: "step k" is the (k+1)-th optimizer step, taken after k steps.
 
 Learning rate (``lr_factor``, the factor of ``lr`` at step k; T = the run's total steps,
-W = ``lr_warmup_steps``, as ``DEQ-Sequence/train_transformer.py`` of locuslab/deq does it):
+W = ``lr_warmup_steps``, as ``DEQ-Sequence/train_transformer.py`` of locuslab/deq does it)::
 
     k < W:   max(k, 1) / W                  (a linear rise, not shaped by the cosine)
     k ≥ W:   cosine:   f + (1 − f) · ½ (1 + cos(π · min(k, T) / T)),   f = lr_min / lr
@@ -22,7 +22,7 @@ the warm-up unrolls it ``pretrain_eval_depth`` times instead, when that is set (
 ``--eval_n_layer``, which its model, though, reads only for an evaluation at train_step 0).
 
 Random forward cap (``forward_max_iter``; J = ``max_iter_jitter``, M = the forward solver's
-``max_iter``): after the warm-up, a training step's forward solve stops after at most
+``max_iter``): after the warm-up, a training step's forward solve stops after at most ::
 
     "sequence":  M − U{0, ..., J}    on every training step (DEQ-Sequence: --rand_f_thres_delta)
     "vision":    M + U{−J, ..., +1}  on the steps that add the Jacobian regularizer, M on the

@@ -12,7 +12,7 @@ converge within the cap (measured below: with JR they do, without they do not).
 Why the regularizer: without it (``--set jac_reg_weight=0``) nearly every forward solve after the
 warm-up stops at the cap above the tolerance, so the MDEQ is trained with IFT gradients at states
 that are not equilibria. Measured on a 2-core CPU, one thread, the machine heavily loaded by other
-jobs (3 epochs, 189 steps):
+jobs (3 epochs, 189 steps)::
 
     seed 0, JR:     80.1% test accuracy, 1000/1000 test solves converged within the cap,
                     8/139 training solves at the cap, max ρ(J) 0.79 (32 test digits), 83 s CPU

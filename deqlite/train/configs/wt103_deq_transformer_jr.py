@@ -13,7 +13,7 @@ Aims for: the JR paper's WikiText-103 results, 24.5–24.9 test perplexity with 
 NFE, about 2× faster training than the unregularized DEQ-Transformer (locuslab README: 23.8 for
 its regularized weights). The pre-LN variant, ``wt103_deq_transformer_preln_reg.sh``, differs in:
 ``norm="pre"``, 14 forward and 14 adjoint iterations, γ = 2.0 with probability 0.4, +0.1 every
-30,000 steps:
+30,000 steps::
 
     python -m deqlite.train --config wt103_deq_transformer_jr
     python -m deqlite.train --config wt103_deq_transformer_jr --set model_options.norm=pre \\
