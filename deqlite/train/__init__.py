@@ -8,6 +8,7 @@
 The parts: ``config`` (``TrainConfig``), ``tasks`` (what the loop needs to know about the data),
 ``deq_hooks`` (what it does because the model is a DEQ), ``trainer`` (the loop, resume),
 ``checkpoint`` (checkpoint files that say what is wrong with them), ``log`` (the JSONL run log),
+``tensorboard_log`` (its numbers as TensorBoard events),
 ``distributed`` (torchrun), ``dashboard`` (live figures of runs), ``adversarial`` (adversarial
 examples by JIIO or PGD-k and adversarial training), ``configs/`` (the presets) and ``__main__``
 (``python -m deqlite.train``).

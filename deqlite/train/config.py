@@ -20,6 +20,7 @@ The settings and what they do are the fields below (each with a comment); the gr
   ``eval_every``, ``eval_jacobian_samples``.
 
 At scale (the vision recipes), what the trainer does with these settings:
+
 * ``amp="bf16"`` / ``"fp16"``: the model's forward runs under ``torch.autocast`` (fp16 with a
   gradient scaler); the loss is taken in float32, the weights stay float32. The solver keeps the
   state's dtype: on CUDA, autocast runs GroupNorm in float32, so cells that end in it (MDEQ's)
