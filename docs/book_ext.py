@@ -10,6 +10,9 @@ What it adds to a plain Sphinx + myst-nb build:
   module under it, found by walking the package, so a new module appears without editing a page.
 * ``cache_path``: where myst-nb's execution cache lives, one per mode and per version of
   deqlite's source.
+* In place of each interactive control (an ipywidgets output: sliders, a live redraw), a note
+  that it works in JupyterLab: a static page has no kernel to move it, and the widgets'
+  JavaScript would come from a CDN, which an offline reader does not reach.
 * ``index.html`` in the built site, which sends the browser to the home page (README.html).
 """
 from __future__ import annotations
@@ -151,6 +154,22 @@ def code_of(path: Path) -> str:
     return ast.dump(tree)
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_NOTE = ("Here the notebook shows an interactive control (ipywidgets): in JupyterLab, "
+               "moving it redraws the figure. Run the notebook to use it.")
+
+
+def replace_widgets(app, doctree) -> None:
+    """``doctree-read``: each rendered widget view becomes a short note (see the module's
+    docstring)."""
+    for raw in list(doctree.findall(nodes.raw)):
+        if WIDGET_VIEW in raw.astext():
+            note = nodes.admonition(classes=["note", "deqlite-widget"])
+            note += nodes.title(text="Interactive in JupyterLab")
+            note += nodes.paragraph(text=WIDGET_NOTE)
+            raw.replace_self(note)
+
+
 def write_index(app, exception) -> None:
     """``build-finished``: index.html, a redirect to the home page, for web servers and browsers
     opening the folder."""
@@ -169,5 +188,6 @@ def setup(app) -> dict:
     app.add_directive("modules", ModulesDirective)
     app.connect("source-read", add_run_box)
     app.connect("autodoc-process-docstring", escape_bars)
+    app.connect("doctree-read", replace_widgets)
     app.connect("build-finished", write_index)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -50,6 +50,7 @@ nb_execution_timeout = 1200            # seconds per cell; a default-mode notebo
 nb_execution_raise_on_error = True     # a failing cell fails the build
 nb_merge_streams = True
 nb_execution_show_tb = True
+nb_ipywidgets_js = {}                  # no widget JavaScript from a CDN: book_ext puts a note there
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3               # [text](#a-heading) links, as GitHub makes them
 
