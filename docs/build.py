@@ -22,12 +22,26 @@ def pages(html: Path) -> list[Path]:
     return sorted(p for p in html.rglob("*.html") if "_static" not in p.relative_to(html).parts)
 
 
+# a notebook's execution that ended this way says nothing about the notebook: once in a while
+# the kernel and the client lose a message and both wait (seen with ipykernel 7), until the cell
+# times out (docs/conf.py: nb_execution_timeout)
+STALLS = ("Executing notebook failed: CellTimeoutError", "Executing notebook failed: DeadKernelError")
+
+
 def build(out: Path, *, quiet: bool = False) -> int:
-    """Sphinx's exit status for a build of the site into out/html."""
+    """Sphinx's exit status for a build of the site into out/html. When a notebook's execution
+    stalled, the build is run once more: the notebooks already executed come from the cache, so
+    only the stalled one runs again; a notebook that fails for any other reason fails the build."""
     from sphinx.cmd.build import build_main
-    args = ["-b", "html", "-c", str(ROOT / "docs"), "-W", "--keep-going",
+    warnings = out / "warnings.txt"
+    args = ["-b", "html", "-c", str(ROOT / "docs"), "-W", "--keep-going", "-w", str(warnings),
             "-d", str(out / "doctrees"), str(ROOT), str(out / "html")]
-    return build_main((["-q"] if quiet else []) + args)
+    status = build_main((["-q"] if quiet else []) + args)
+    if status and warnings.is_file() and any(s in warnings.read_text() for s in STALLS):
+        print("A notebook's execution stalled (the cell timed out, or the kernel died); building "
+              "once more, with the notebooks executed so far taken from the cache.", flush=True)
+        status = build_main((["-q"] if quiet else []) + args)
+    return status
 
 
 def main(argv=None) -> int:

@@ -46,7 +46,8 @@ extensions = [
 nb_execution_mode = "cache"
 nb_execution_cache_path = str(book_ext.cache_path(ROOT, FAST))
 nb_execution_in_temp = True            # runs/, checkpoints and logs go to a temporary folder
-nb_execution_timeout = 1200            # seconds per cell; a default-mode notebook takes ~1 min
+nb_execution_timeout = 300             # seconds per cell (a whole default-mode notebook takes ~1 min); docs/build.py
+                                       # builds once more after a timeout (a stall, not the notebook)
 nb_execution_raise_on_error = True     # a failing cell fails the build
 nb_merge_streams = True
 nb_execution_show_tb = True

@@ -247,3 +247,24 @@ def test_the_cache_follows_the_code_not_the_docstrings(tmp_path):
     assert book_ext.cache_path(tmp_path, fast=False) != first
     module.write_text('"""Other doc."""\ndef f():\n    return 2\n')
     assert book_ext.cache_path(tmp_path, fast=True) != first
+
+
+@pytest.mark.parametrize("first_failure, calls", [("Executing notebook failed: CellTimeoutError", 2),
+                                                  ("Executing notebook failed: CellExecutionError", 1)])
+def test_a_stalled_notebook_is_built_once_more_and_a_failing_one_is_not(tmp_path, monkeypatch,
+                                                                        first_failure, calls):
+    import sphinx.cmd.build
+    from build import build
+    made = []
+
+    def build_main(args):
+        made.append(args)
+        warnings = Path(args[args.index("-w") + 1])
+        if len(made) == 1:
+            warnings.write_text(f"WARNING: {first_failure}\n")
+            return 2
+        return 0
+
+    monkeypatch.setattr(sphinx.cmd.build, "build_main", build_main)
+    status = build(tmp_path)
+    assert len(made) == calls and status == (0 if calls == 2 else 2)
