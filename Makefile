@@ -72,7 +72,7 @@ test-browser: install $(BROWSER_STAMP)
 # in default mode, the instructors' guide, the benchmarks and the API reference, in
 # build/book/html/ (open index.html, or serve it: python -m http.server -d build/book/html).
 # Executed notebooks are cached: a rebuild re-executes only the notebooks whose code changed
-# (every notebook after a change to deqlite's source). `make book-fast` builds it in fast mode
+# (every notebook after a change to deqlite's code; docstrings and comments do not count). `make book-fast` builds it in fast mode
 # (DEQLITE_FAST=1, minutes) in build/book-fast/, which `make test-browser` then checks.
 BOOK_OUT ?= build/book
 $(BOOK_STAMP): $(STAMP)

@@ -77,18 +77,15 @@ def run_box(notebook: str, fast: bool) -> str:
 def add_run_box(app, docname: str, source: list) -> None:
     """``source-read``: insert the run box after a notebook's first cell (its title)."""
     name = docname.removeprefix("notebooks/") + ".ipynb"
-    if docname == root_doc(app):
+    if docname == app.config.root_doc:
         source[0] += toctree_markdown()
     if not docname.startswith("notebooks/") or name not in NOTEBOOKS:
         return
     notebook = json.loads(source[0])
-    box = {"cell_type": "markdown", "id": "deqlite-run-it-yourself", "metadata": {}, "source": run_box(name, app.config.book_fast)}
+    box = {"cell_type": "markdown", "id": "deqlite-run-it-yourself", "metadata": {},
+           "source": run_box(name, app.config.book_fast)}
     notebook["cells"].insert(1, box)
     source[0] = json.dumps(notebook)
-
-
-def root_doc(app) -> str:
-    return app.config.root_doc
 
 
 class ModulesDirective(SphinxDirective):
@@ -110,8 +107,8 @@ class ModulesDirective(SphinxDirective):
 
 
 def public_modules(package: str, *, flat: bool) -> list[str]:
-    """Every module under `package` whose dotted name has no part starting with "_", in
-    alphabetical order (``__main__``, the command lines, included: none, it is private)."""
+    """Every module under `package` whose dotted name has no part starting with "_" (so no
+    ``__main__``, the command lines, and no private helper), in alphabetical order."""
     found = []
     for info in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
         parts = info.name.split(".")[len(package.split(".")):]
@@ -175,7 +172,7 @@ def write_index(app, exception) -> None:
     opening the folder."""
     if exception is not None or app.builder.format != "html":
         return
-    home = app.builder.get_target_uri(root_doc(app))
+    home = app.builder.get_target_uri(app.config.root_doc)
     (Path(app.outdir) / "index.html").write_text(
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>deqlite</title>'
         f'<meta http-equiv="refresh" content="0; url={home}"></head>'
@@ -183,8 +180,7 @@ def write_index(app, exception) -> None:
 
 
 def setup(app) -> dict:
-    import os
-    app.add_config_value("book_fast", os.environ.get("DEQLITE_FAST") == "1", "env")
+    app.add_config_value("book_fast", False, "env")        # conf.py: DEQLITE_FAST=1
     app.add_directive("modules", ModulesDirective)
     app.connect("source-read", add_run_box)
     app.connect("autodoc-process-docstring", escape_bars)

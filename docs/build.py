@@ -4,7 +4,9 @@ Runs Sphinx on the repository with docs/conf.py (``-W``: a warning, such as a br
 cross-reference or a docstring reStructuredText cannot read, fails the build; a notebook cell that
 raises fails it too), into OUT/html (default build/book; ``DEQLITE_FAST=1`` for the notebooks'
 fast mode, as ``make book-fast`` does), then says how many pages it made, how long it took and
-where to open them. Nothing outside OUT and the execution cache under it is written.
+where to open them. It writes OUT (the pages, Sphinx's doctrees, warnings.txt) and myst-nb's
+execution cache, build/book/jupyter_cache/ (build/book-fast/ in fast mode) whatever OUT is,
+so that ``make book`` and a build elsewhere share the executed notebooks.
 """
 from __future__ import annotations
 

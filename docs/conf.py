@@ -5,8 +5,9 @@ points here) but only the files named in ``include_patterns``: the README files,
 notebooks, the instructors' guide, the benchmarks' write-ups and the API reference pages in
 docs/api/. myst-nb executes each notebook and caches the result (jupyter-cache), so a rebuild
 re-executes only the notebooks whose code changed. The cache is kept per mode (``DEQLITE_FAST=1``
-runs the notebooks' small sizes) and per version of deqlite's source (a change to the package can
-change every output, so it re-executes every notebook).
+runs the notebooks' small sizes) and per version of deqlite's code, docstrings and comments
+aside (a change to what the package does can change every output, so it re-executes every
+notebook; ``book_ext.cache_path``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT))          # deqlite itself, for autodoc
 import book_ext  # noqa: E402
 
 FAST = os.environ.get("DEQLITE_FAST") == "1"
+book_fast = FAST                       # what each notebook page says produced its outputs
 
 project = "deqlite"
 author = "the deqlite authors"

@@ -36,6 +36,7 @@ BUILD = REPO / "build" / "book-fast"
 HTML = BUILD / "html"
 sys.path.insert(0, str(REPO / "docs"))
 import book_ext  # noqa: E402
+from build import pages as site_pages  # noqa: E402  (docs/build.py)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +47,7 @@ def site():
     done = subprocess.run([sys.executable, str(REPO / "docs" / "build.py"), str(BUILD), "--quiet"],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, f"the site's build failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
-    pages = [p.relative_to(HTML).as_posix() for p in book_ext_pages()]
+    pages = [p.relative_to(HTML).as_posix() for p in site_pages(HTML)]
     REPORT.append(f"website: {len(pages)} pages built in {time.perf_counter() - start:.0f} s "
                   f"(fast mode, {BUILD})")
     handler = functools.partial(_QuietHandler, directory=str(HTML))
@@ -63,11 +64,6 @@ def site():
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
-
-
-def book_ext_pages() -> list[Path]:
-    from build import pages                     # docs/build.py
-    return pages(HTML)
 
 
 @pytest.fixture(scope="module")
@@ -177,14 +173,14 @@ def test_the_search_finds_anderson(site, browser):
     tab = browser.new_page()
     try:
         tab.goto(base + "search.html?q=anderson", wait_until="load")
-        tab.wait_for_selector("#search-results ul.search li", timeout=60_000)
-        tab.wait_for_function("() => !document.querySelector('#search-progress')"
-                              " || document.querySelector('#search-progress').textContent === ''"
-                              " || /finished|found/i.test(document.querySelector('#search-results').textContent)",
-                              timeout=60_000)
-        hits = tab.eval_on_selector_all("#search-results ul.search li a", "as => as.map(a => a.href)")
+        # Sphinx's search adds its results one by one, then says "Search finished, found N pages"
+        tab.wait_for_function("() => /Search finished/.test(document.querySelector("
+                              "'#search-results .search-summary')?.textContent || '')", timeout=60_000)
+        summary = tab.text_content("#search-results .search-summary")
+        hits = tab.eval_on_selector_all("#search-results ul.search li > a", "as => as.map(a => a.href)")
     finally:
         tab.close()
+    assert f"found {len(hits)} pages" in summary, (summary, hits)
     assert any("docs/api/core.html" in h for h in hits), hits
     assert any("notebooks/02_fixed_point_solvers.html" in h for h in hits), hits
     REPORT.append(f"website: the search finds 'anderson' on {len(hits)} pages")
