@@ -7,6 +7,10 @@
    Broyden with the convergence test every 1, 2, 4 or 8 evaluations. On a CPU a test costs a
    few small operations and a sync that waits for nothing; each evaluation past the end costs
    a whole f. (On a GPU the sync stalls the queue of kernels: ``gpu_check.py`` times it there.)
+3. Anderson's history ``m`` and regularizer ``lam``: evaluations to the tolerance for m = 6, 50
+   and the longest useful history, min(D, max_iter) (D residuals in R^D span it: an older one
+   adds nothing), at λ = 1e-4 and 1e-6, on the slow regimes; and TorchDEQ's Anderson with the
+   long history once, on the hardest (it takes minutes there).
 """
 from __future__ import annotations
 
@@ -16,9 +20,16 @@ from _solver_problems import get_problem  # noqa: E402  (benchmarks/_solver_prob
 from _timing import interleaved_medians  # noqa: E402  (benchmarks/_timing.py)
 from deqlite import solve
 
+try:
+    from torchdeq.solver import get_solver as torchdeq_solver
+except ImportError:                                   # the benchmark-only extra is not installed
+    torchdeq_solver = None
+
 MEMORIES = (10, 20, 30, 50, 100)
 PERIODS = (1, 2, 4, 8)
 CHECK_REGIMES = ("gaussian", "symmetric", "conv")
+HISTORIES, LAMBDAS = (6, 50, "long"), (1e-4, 1e-6)
+HISTORY_REGIMES = ("symmetric", "near_orthogonal_0.99_x0.01", "near_orthogonal_0.999_x0.1")
 
 
 def memory_sweep(regimes, width, batch, cell_batch, tol, max_iter):
@@ -54,3 +65,45 @@ def check_every_sweep(width, batch, cell_batch, tol, max_iter, repeats):
                 times = interleaved_medians(runs, repeats)
                 print(f"| {regime} | {solver} | " + " | ".join(
                     f"{times[k] * 1e3:.1f} ({nfe[k]})" for k in PERIODS) + " |")
+
+
+def _anderson_nfe(f, z0, tol, n, m, lam, theirs=False):
+    """Evaluations and reached-tol (the worst sample's relative residual, recomputed) of one solve."""
+    calls = [0]
+
+    def counted(z):
+        calls[0] += 1
+        return f(z)
+    if theirs:
+        z = torchdeq_solver("anderson")(counted, z0, max_iter=n, tol=tol, stop_mode="rel",
+                                        m=m, lam=lam)[0]
+    else:
+        z = solve(counted, z0, solver="anderson", tol=tol, max_iter=n, m=m, lam=lam)[0]
+    fz = f(z)
+    worst = ((fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9)).max().item()
+    return f"{calls[0]}{'' if worst <= tol * (1 + 1e-3) else '!'}"
+
+
+def history_sweep(width, batch, cell_batch, tol, max_iter, regimes=HISTORY_REGIMES):
+    print(f"\n## Anderson's history m and λ: evaluations to rel. residual {tol:g} (\"!\": not "
+          f"there by max_iter; long: m = min(D, max_iter))\n")
+    columns = [(m, lam) for m in HISTORIES for lam in LAMBDAS]
+    print("| regime | max_iter | " + " | ".join(f"m {m}, λ {lam:g}" for m, lam in columns) + " |")
+    print("| --- | --- |" + " --- |" * len(columns))
+    with torch.no_grad():
+        for regime in regimes:
+            problem = get_problem(regime, width, batch, cell_batch)
+            n = min(max(max_iter, problem.max_iter_for(tol)), 3000)
+            long = min(problem.z0[0].numel(), n)
+            cells = [_anderson_nfe(problem.f, problem.z0, tol, n, long if m == "long" else m, lam)
+                     for m, lam in columns]
+            print(f"| {regime} | {n} | " + " | ".join(cells) + " |")
+        if torchdeq_solver is not None:
+            problem = get_problem(regimes[1], width, batch, cell_batch)
+            n = min(max(max_iter, problem.max_iter_for(tol)), 3000)
+            long = min(problem.z0[0].numel(), n)
+            cells = [_anderson_nfe(problem.f, problem.z0, tol, n, long, lam, theirs=True)
+                     for lam in LAMBDAS]
+            print(f"\nTorchDEQ's Anderson on {regimes[1]}, m = {long}: "
+                  + ", ".join(f"λ {lam:g}: {c}" for lam, c in zip(LAMBDAS, cells))
+                  + " evaluations (its λ is absolute, not scaled to the residuals)")

@@ -76,7 +76,7 @@ import torch
 from _solver_problems import (CELL_REGIMES, GRADIENT_REGIMES, REGIMES,  # benchmarks/
                               conv_problem, get_problem, make_problem, mlp_problem,
                               spectral_radius)
-from _solver_sweeps import check_every_sweep, memory_sweep  # noqa: E402  (benchmarks/)
+from _solver_sweeps import check_every_sweep, history_sweep, memory_sweep  # noqa: E402  (benchmarks/)
 from _timing import interleaved_medians  # noqa: E402  (benchmarks/_timing.py)
 from deqlite import DEQ, solve
 
@@ -90,16 +90,24 @@ except ImportError:                                   # the benchmark-only extra
 SOLVER_PAIRS = [("forward_iteration", {}, "fixed_point_iter", {}),
                 ("anderson", {"m": 6}, "anderson", {"m": 6}),
                 ("broyden", {}, "broyden", {}),
-                ("broyden", {"memory": "max_iter"}, None, None)]   # all pairs, as TorchDEQ's
+                ("broyden", {"memory": "max_iter"}, None, None),   # all pairs, as TorchDEQ's
+                ("anderson", {"m": "long", "lam": 1e-6}, None, None)]  # every residual: GMRES
 FULL_MEMORY = "broyden, memory = max_iter"
+LONG_HISTORY = "anderson, m = min(D, max_iter), λ = 1e-6"
 
 
 def label(ours, opts):
-    """A deqlite row's name: the solver's, or FULL_MEMORY for Broyden keeping every pair."""
+    """A deqlite row's name: the solver's, FULL_MEMORY for Broyden keeping every pair, or
+    LONG_HISTORY for Anderson keeping every residual (up to D, the state's size: more cannot be
+    independent), with a regularizer small enough not to swamp the late, small residuals."""
+    if opts.get("m") == "long":
+        return LONG_HISTORY
     return FULL_MEMORY if opts.get("memory") == "max_iter" else ours
 
 
-THEIRS = {label(ours, opts): theirs or "broyden" for ours, opts, theirs, _ in SOLVER_PAIRS}
+# the TorchDEQ solver each deqlite row is timed against (None: no like-for-like row)
+THEIRS = {label(ours, opts): theirs or ("broyden" if label(ours, opts) == FULL_MEMORY else None)
+          for ours, opts, theirs, _ in SOLVER_PAIRS}
 DEQLITE_RULES = [("ift", None), ("jfb", None), ("phantom", {"k": 5, "tau": 0.5}),
                  ("neumann", {"k": 5}), ("unrolled", None)]
 TORCHDEQ_RULES = [("ift", dict(ift=True)), ("jfb", dict(grad=1, tau=1.0)),
@@ -146,7 +154,8 @@ def solver_runs(z0, tol, max_iter):
     alternating (TorchDEQ's only where it is installed)."""
     runs = []
     for ours, our_opts, theirs, their_opts in SOLVER_PAIRS:
-        opts = {k: max_iter if v == "max_iter" else v for k, v in our_opts.items()}
+        resolve = {"max_iter": max_iter, "long": min(z0[0].numel(), max_iter)}
+        opts = {k: resolve.get(v, v) if isinstance(v, str) else v for k, v in our_opts.items()}
 
         def run_ours(f, name=ours, opts=opts):
             return solve(f, z0, solver=name, tol=tol, max_iter=max_iter, stop="rel", **opts)[0]
@@ -407,7 +416,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip-gradients", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--sweeps", action="store_true",
-                        help="also Broyden's memory and check_every sweeps (_solver_sweeps.py)")
+                        help="also the sweeps of Broyden's memory, check_every and Anderson's m and λ "
+                             "(_solver_sweeps.py)")
     args = parser.parse_args(argv)
     if args.threads < 0:
         parser.error(f"--threads must be 0 (torch's default) or positive, got {args.threads}")
@@ -446,6 +456,8 @@ def main(argv=None):
     if args.sweeps:
         memory_sweep(args.regimes, width, batch, cell_batch, args.tol, args.max_iter)
         check_every_sweep(width, batch, cell_batch, args.tol, args.max_iter, repeats)
+        history_sweep(width, batch, cell_batch, args.tol, args.max_iter,
+                      regimes=QUICK_REGIMES[:2] if args.quick else HISTORY_REGIMES)
     print(f"\n(run time {time.perf_counter() - start:.0f} s)")
 
 
