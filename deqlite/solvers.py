@@ -294,6 +294,13 @@ def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     one row and column to the Gram matrix G Gᵀ (O(m·D) work, not O(m²·D)). The small n×n systems
     are solved in float64, with λ at least float64's eps (λ = 0 would leave H singular when the
     residuals are dependent, e.g. a history longer than the state).
+    A long history: with m at least the number of steps and β = 1, on a linear map Anderson *is*
+    GMRES (Walker & Ni 2011; ``tests/test_anderson_gmres.py`` checks it step for step): its mixed
+    residual is the smallest any Krylov method reaches in as many evaluations. On slow problems
+    whose Jacobian has no dominant eigenvalue (near-orthogonal W) a history as long as the state,
+    m = D, takes the fewest evaluations of any solver here (``bench_solvers.py``), at the price of
+    an m × m solve per step. Give it a small λ (1e-6): s averages over the old, large residuals,
+    and λ = 1e-4 times that swamps the late, small ones.
     ``check_every``: test for convergence every that many evaluations (see ``deqlite._tracker``).
     """
     x, apply, tr = _start("anderson", f, z0, tol, max_iter, stop, callback, check_every)
