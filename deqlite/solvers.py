@@ -294,13 +294,9 @@ def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     one row and column to the Gram matrix G Gᵀ (O(m·D) work, not O(m²·D)). The small n×n systems
     are solved in float64, with λ at least float64's eps (λ = 0 would leave H singular when the
     residuals are dependent, e.g. a history longer than the state).
-    A long history: with m at least the number of steps and β = 1, on a linear map Anderson *is*
-    GMRES (Walker & Ni 2011; ``tests/test_anderson_gmres.py`` checks it step for step): its mixed
-    residual is the smallest any Krylov method reaches in as many evaluations. On slow problems
-    whose Jacobian has no dominant eigenvalue (near-orthogonal W) a history as long as the state,
-    m = D, takes the fewest evaluations of any solver here (``bench_solvers.py``), at the price of
-    an m × m solve per step. Give it a small λ (1e-6): s averages over the old, large residuals,
-    and λ = 1e-4 times that swamps the late, small ones.
+    With m ≥ the number of steps and β = 1, on a linear map Anderson *is* GMRES (Walker & Ni 2011;
+    ``tests/test_anderson_gmres.py``), optimal among Krylov methods: on slow, near-orthogonal maps
+    m = D takes the fewest evaluations (``bench_solvers.py``), with λ ≈ 1e-6 (s is then large).
     ``check_every``: test for convergence every that many evaluations (see ``deqlite._tracker``).
     """
     x, apply, tr = _start("anderson", f, z0, tol, max_iter, stop, callback, check_every)
@@ -337,13 +333,10 @@ def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     (restarted Broyden). So a step costs O(memory · D) however large ``max_iter`` is. (Dropping
     only the oldest pair instead, as the DEQ research code does, leaves the remaining pairs
     inconsistent with each other and can blow up; restarting cannot.) The default, 30, is
-    measured (``bench_solvers.py --sweeps``): in float32 older pairs lose accuracy, and 30 took
-    fewer evaluations than 50 on the slow symmetric regime, a few more on near-orthogonal ones.
-    ``memory=max_iter`` keeps every pair (TorchDEQ's default), worth it when a solve takes about
-    as many steps as the state has dimensions: then B can become the whole inverse Jacobian.
+    measured (``bench_solvers.py --sweeps``). ``memory=max_iter`` keeps every pair (TorchDEQ's
+    default), for solves as long as the state has dimensions: B can become the whole J⁻¹.
 
-    Each application of B is two batched products over the pairs in use (their dot products
-    with a vector, then the sum of the pairs they weight); Bᵀ the same with U and V swapped.
+    Each application of B, or of Bᵀ (U and V swapped), is two batched products (``_low_rank``).
     ``check_every``: test for convergence every that many evaluations (see ``deqlite._tracker``).
     """
     check_setting(memory=memory)
