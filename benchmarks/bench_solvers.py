@@ -76,7 +76,8 @@ import torch
 from _solver_problems import (CELL_REGIMES, GRADIENT_REGIMES, REGIMES,  # benchmarks/
                               conv_problem, get_problem, make_problem, mlp_problem,
                               spectral_radius)
-from _solver_sweeps import check_every_sweep, history_sweep, memory_sweep  # noqa: E402  (benchmarks/)
+from _solver_sweeps import (HISTORY_REGIMES, check_every_sweep, history_sweep,  # benchmarks/
+                            memory_sweep)
 from _timing import interleaved_medians  # noqa: E402  (benchmarks/_timing.py)
 from deqlite import DEQ, solve
 
