@@ -1,8 +1,8 @@
 """deqlite against TorchDEQ 0.1.0: solver NFE and time to a tolerance, per-step overhead, and the
 gradient rules' error and cost.
 
-    .venv/bin/python benchmarks/bench_solvers.py --repeats 5     # everything: ~7 min
-    .venv/bin/python benchmarks/bench_solvers.py --quick         # smoke run, small sizes: ~12 s
+    .venv/bin/python benchmarks/bench_solvers.py --repeats 9 --sweeps   # everything: ~50 min
+    .venv/bin/python benchmarks/bench_solvers.py --quick         # smoke run, small sizes: ~25 s
     .venv/bin/python benchmarks/bench_solvers.py --overhead      # the overhead table only: ~2 min
     .venv/bin/python benchmarks/bench_solvers.py --regimes conv multiscale --skip-gradients
     .venv/bin/pip install -e ".[bench]"                          # TorchDEQ: torchdeq==0.1.0
@@ -28,7 +28,9 @@ solve as one flat tensor through the same flatten/unflatten wrapper; batch 16 fo
 Both libraries get the very same f (one Python function around the same module), the same
 tolerance and stopping rule (relative residual ‖f(z) − z‖ / ‖f(z)‖ ≤ tol for every sample of the
 batch; both stop when the whole batch is there), the same max_iter, and Anderson the same memory
-(m = 6, TorchDEQ's default; λ = 1e-4 in both, deqlite scales it to the residuals). Every f call
+(m = 6, TorchDEQ's default; λ = 1e-4 in both, deqlite scales it to the residuals). One more
+deqlite row, "anderson, m = min(D, max_iter), λ = 1e-6", keeps every residual that can be
+independent (on a linear map: GMRES), the fewest evaluations on the slow regimes. Every f call
 is counted by a wrapper around f (so NFE means the same in both), and every vector–Jacobian
 product of an adjoint solve by a wrapper around ``torch.autograd.grad``.
 

@@ -93,7 +93,7 @@ def main(argv=None):
     with torch.no_grad():
         for regime in args.regimes:
             problem = get_problem(regime, 256, 64, 16)
-            n = min(max(50, problem.max_iter_for(args.tol)), 3000)
+            n = min(max(500, problem.max_iter_for(args.tol)), 3000)   # as bench_solvers.py
             cells = []
             for memory, keep in SETTINGS:
                 stats = broyden_reduced(problem.f, problem.z0, tol=args.tol, max_iter=n,
