@@ -2,7 +2,7 @@
 gradient rules' error and cost.
 
     .venv/bin/python benchmarks/bench_solvers.py --repeats 9 --sweeps   # everything: ~50 min
-    .venv/bin/python benchmarks/bench_solvers.py --quick         # smoke run, small sizes: ~25 s
+    .venv/bin/python benchmarks/bench_solvers.py --quick         # smoke run, small sizes: ~30 s
     .venv/bin/python benchmarks/bench_solvers.py --overhead      # the overhead table only: ~2 min
     .venv/bin/python benchmarks/bench_solvers.py --regimes conv multiscale --skip-gradients
     .venv/bin/pip install -e ".[bench]"                          # TorchDEQ: torchdeq==0.1.0
