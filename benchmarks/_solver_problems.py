@@ -135,6 +135,31 @@ def get_problem(regime: str, width: int, batch: int, cell_batch: int) -> Problem
     return mlp_problem(regime, width, batch)
 
 
+class Counter:
+    """f wrapped so that every call on the batch is counted."""
+
+    def __init__(self, f):
+        self.f, self.calls = f, 0
+
+    def __call__(self, z):
+        self.calls += 1
+        return self.f(z)
+
+
+def worst_rel_residual(f, z) -> float:
+    """max over the batch of ‖f(z) − z‖ / ‖f(z)‖, for a state of any shape (batch, ...)."""
+    with torch.no_grad():
+        fz = f(z)
+        res = (fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9)
+        return res.max().item()
+
+
+def reached(residual: float, tol: float) -> bool:
+    """A solve got there: its worst residual, recomputed, is tol (to 0.1 %: the solvers test
+    their own float32 residual)."""
+    return residual <= tol * (1 + 1e-3)
+
+
 def spectral_radius(f, z, steps: int = 30) -> float:
     """An estimate of ρ(J_f(z)), the worst sample's (J is block-diagonal over the batch): the
     geometric mean growth ‖J v‖ / ‖v‖ over the last ``steps`` of 2·steps power-iteration steps,

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from _solver_problems import get_problem  # noqa: E402  (benchmarks/_solver_problems.py)
+from _solver_problems import (Counter, get_problem, reached,  # benchmarks/_solver_problems.py
+                             worst_rel_residual)
 from _timing import interleaved_medians  # noqa: E402  (benchmarks/_timing.py)
 from deqlite import solve
 
@@ -41,7 +42,7 @@ def memory_sweep(regimes, width, batch, cell_batch, tol, max_iter):
     with torch.no_grad():
         for regime in regimes:
             problem = get_problem(regime, width, batch, cell_batch)
-            n = min(max(max_iter, problem.max_iter_for(tol)), 3000)
+            n = _budget(problem, tol, max_iter)[0]
             cells = []
             for memory in (*MEMORIES, n):
                 stats = solve(problem.f, problem.z0, solver="broyden", tol=tol, max_iter=n,
@@ -67,21 +68,23 @@ def check_every_sweep(width, batch, cell_batch, tol, max_iter, repeats):
                     f"{times[k] * 1e3:.1f} ({nfe[k]})" for k in PERIODS) + " |")
 
 
-def _anderson_nfe(f, z0, tol, n, m, lam, theirs=False):
-    """Evaluations and reached-tol (the worst sample's relative residual, recomputed) of one solve."""
-    calls = [0]
+def _budget(problem, tol, max_iter):
+    """A sweep's max_iter (enough for plain iteration, at most 3000) and its longest useful
+    Anderson history, min(D, max_iter)."""
+    n = min(max(max_iter, problem.max_iter_for(tol)), 3000)
+    return n, min(problem.z0[0].numel(), n)
 
-    def counted(z):
-        calls[0] += 1
-        return f(z)
+
+def _anderson_nfe(f, z0, tol, n, m, lam, theirs=False):
+    """Evaluations of one Anderson solve, with "!" when the worst sample's relative residual,
+    recomputed, did not reach tol."""
+    counted = Counter(f)
     if theirs:
         z = torchdeq_solver("anderson")(counted, z0, max_iter=n, tol=tol, stop_mode="rel",
                                         m=m, lam=lam)[0]
     else:
         z = solve(counted, z0, solver="anderson", tol=tol, max_iter=n, m=m, lam=lam)[0]
-    fz = f(z)
-    worst = ((fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9)).max().item()
-    return f"{calls[0]}{'' if worst <= tol * (1 + 1e-3) else '!'}"
+    return f"{counted.calls}{'' if reached(worst_rel_residual(f, z), tol) else '!'}"
 
 
 def history_sweep(width, batch, cell_batch, tol, max_iter, regimes=HISTORY_REGIMES):
@@ -93,15 +96,13 @@ def history_sweep(width, batch, cell_batch, tol, max_iter, regimes=HISTORY_REGIM
     with torch.no_grad():
         for regime in regimes:
             problem = get_problem(regime, width, batch, cell_batch)
-            n = min(max(max_iter, problem.max_iter_for(tol)), 3000)
-            long = min(problem.z0[0].numel(), n)
+            n, long = _budget(problem, tol, max_iter)
             cells = [_anderson_nfe(problem.f, problem.z0, tol, n, long if m == "long" else m, lam)
                      for m, lam in columns]
             print(f"| {regime} | {n} | " + " | ".join(cells) + " |")
         if torchdeq_solver is not None:
             problem = get_problem(regimes[1], width, batch, cell_batch)
-            n = min(max(max_iter, problem.max_iter_for(tol)), 3000)
-            long = min(problem.z0[0].numel(), n)
+            n, long = _budget(problem, tol, max_iter)
             cells = [_anderson_nfe(problem.f, problem.z0, tol, n, long, lam, theirs=True)
                      for lam in LAMBDAS]
             print(f"\nTorchDEQ's Anderson on {regimes[1]}, m = {long}: "

@@ -75,9 +75,9 @@ import warnings
 
 import torch
 
-from _solver_problems import (CELL_REGIMES, GRADIENT_REGIMES, REGIMES,  # benchmarks/
-                              conv_problem, get_problem, make_problem, mlp_problem,
-                              spectral_radius)
+from _solver_problems import (CELL_REGIMES, GRADIENT_REGIMES, REGIMES, Counter,  # benchmarks/
+                              conv_problem, get_problem, make_problem, mlp_problem, reached,
+                              spectral_radius, worst_rel_residual)
 from _solver_sweeps import (HISTORY_REGIMES, check_every_sweep, history_sweep,  # benchmarks/
                             memory_sweep)
 from _timing import interleaved_medians  # noqa: E402  (benchmarks/_timing.py)
@@ -118,17 +118,6 @@ TORCHDEQ_RULES = [("ift", dict(ift=True)), ("jfb", dict(grad=1, tau=1.0)),
 QUICK_REGIMES = ["gaussian", "near_orthogonal_0.99_x0.1", "conv", "multiscale"]
 
 
-class Counter:
-    """f wrapped so that every call on the batch is counted."""
-
-    def __init__(self, f):
-        self.f, self.calls = f, 0
-
-    def __call__(self, z):
-        self.calls += 1
-        return self.f(z)
-
-
 @contextlib.contextmanager
 def counting_vjps():
     """Count ``torch.autograd.grad`` calls (the adjoint solves' vector–Jacobian products)."""
@@ -142,14 +131,6 @@ def counting_vjps():
         yield count
     finally:
         torch.autograd.grad = original
-
-
-def worst_rel_residual(f, z) -> float:
-    """max over the batch of ‖f(z) − z‖ / ‖f(z)‖, for a state of any shape (batch, ...)."""
-    with torch.no_grad():
-        fz = f(z)
-        res = (fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9)
-        return res.max().item()
 
 
 def solver_runs(z0, tol, max_iter):
@@ -198,14 +179,15 @@ def print_forward(problem, rows, tol, max_iter, rho=None):
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     theirs = {r["solver"]: r for r in rows if r["library"] == "TorchDEQ"}
     pair = THEIRS
-    reached = lambda r: r["residual"] <= tol * (1 + 1e-3)          # noqa: E731
-    their_best = min((r["nfe"] for r in theirs.values() if reached(r)), default=None)
+    their_best = min((r["nfe"] for r in theirs.values() if reached(r["residual"], tol)),
+                     default=None)
     for r in rows:
         ref = theirs.get(pair.get(r["solver"], r["solver"])) if r["library"] == "deqlite" else r
         vs = f"{r['t'] / ref['t']:.2f}" if ref else "-"
         best = f"{r['nfe'] / their_best:.2f}" if their_best else "-"
-        print(f"| {r['library']} | {r['solver']} | {r['nfe']} | {r['residual']:.1e} | "
-              f"{'yes' if reached(r) else 'NO'} | {r['t'] * 1e3:.1f} | {vs} | {best} |")
+        there = "yes" if reached(r["residual"], tol) else "NO"
+        print(f"| {r['library']} | {r['solver']} | {r['nfe']} | {r['residual']:.1e} | {there} | "
+              f"{r['t'] * 1e3:.1f} | {vs} | {best} |")
     broyden = theirs.get("broyden")
     if broyden and max_iter > 1000:
         pairs_gb = 2 * problem.z0[0].numel() * len(problem.z0) * max_iter * 4 / 1e9
@@ -419,8 +401,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip-gradients", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--sweeps", action="store_true",
-                        help="also the sweeps of Broyden's memory, check_every and Anderson's m and λ "
-                             "(_solver_sweeps.py)")
+                        help="also the sweeps of Broyden's memory, check_every and Anderson's "
+                             "m and λ (_solver_sweeps.py)")
     args = parser.parse_args(argv)
     if args.threads < 0:
         parser.error(f"--threads must be 0 (torch's default) or positive, got {args.threads}")
