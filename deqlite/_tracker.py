@@ -18,10 +18,10 @@ some thirty small tensor operations, so bookkeeping after every step would be mo
   iterates stay under ``CHUNK_ELEMENTS`` numbers), down to 1, and is 1 when a callback wants
   every step.
 * A cheap stopping test. The only per-step work is the two norms of the residual and, every
-  ``check_every`` evaluations, "has every sample met tol once?" (a running mask and one
-  ``all()``). That test is exact: the solve ends at the very evaluation it would end at if it
-  were booked step by step. ``check_every`` > 1 skips the test's host sync (a stall on a GPU) at
-  the price of up to ``check_every − 1`` extra evaluations at the end.
+  ``check_every`` evaluations, "has every sample met tol once?" (a running mask of the samples
+  that have not, and one ``any()``). That test is exact: the solve ends at the very evaluation
+  it would end at if it were booked step by step. ``check_every`` > 1 skips the test's host sync
+  (a stall on a GPU) at the price of up to ``check_every − 1`` extra evaluations at the end.
 * Masks only when needed. Until a sample freezes, ``mask`` is None and the solvers skip their
   ``torch.where``s. A sample that converges mid-chunk keeps iterating until the chunk is booked;
   that changes nothing it returns (rows of a batch do not interact), only wastes a little work.
@@ -61,11 +61,13 @@ class Tracker:
         self.nfe, self.booked = 0, 0
         self.pending: list = []                       # iterates since the last booking
         self.diff = self.fz_dtype = None
-        self.abs_res: list = []                       # (batch,) ‖f(z) − z‖ per evaluation
-        self.size: list = []                          # (batch,) ‖f(z)‖ per evaluation
-        self.met = torch.zeros(batch, dtype=torch.bool, device=z0.device)    # met tol once
-        self.done, self.failed = torch.zeros_like(self.met), torch.zeros_like(self.met)
-        self.frozen, self.mask, self.all_frozen = torch.zeros_like(self.met), None, False
+        self.abs_res: list = []                # (batch,) ‖f(z) − z‖ per evaluation not booked
+        self.size: list = []                   # (batch,) ‖f(z)‖ per evaluation not booked
+        self.booked_abs: list = []             # (c, batch) the same, per booked chunk
+        self.booked_size: list = []
+        self.unmet = torch.ones(batch, dtype=torch.bool, device=z0.device)   # not met tol yet
+        self.done, self.failed = torch.zeros_like(self.unmet), torch.zeros_like(self.unmet)
+        self.frozen, self.mask, self.all_frozen = torch.zeros_like(self.unmet), None, False
         self.frozen_at = torch.full((batch,), max_iter, dtype=torch.long, device=z0.device)
         self.best_z = self.z0 = z0
         self.best_crit = torch.full((batch,), float("inf"), dtype=self.acc, device=z0.device)
@@ -81,12 +83,12 @@ class Tracker:
                 test = self._residual(z, fz)
         else:
             test = self._residual(z, fz)
-        if len(self.pending) >= self.chunk or (test and self.met.all()):
+        if len(self.pending) >= self.chunk or (test and not self.unmet.any()):
             self.book()                     # (outside no_grad: the best iterate keeps its graph)
         return fz
 
     def _residual(self, z: torch.Tensor, fz: torch.Tensor) -> bool:
-        """Record ‖f(z) − z‖ and ‖f(z)‖; every ``check_every`` evaluations update ``met``."""
+        """Record ‖f(z) − z‖ and ‖f(z)‖; every ``check_every`` evaluations, ``unmet``."""
         if self.diff is None or fz.dtype is not self.fz_dtype:   # (under autocast f's dtype may
             self.fz_dtype = fz.dtype                              # be lower than the state's)
             self.diff = fz.new_empty(fz.shape, dtype=torch.promote_types(fz.dtype, z.dtype))
@@ -98,7 +100,7 @@ class Tracker:
         if self.tol == 0 or self.nfe % self.check_every:
             return False
         crit = r_abs / (size + EPS) if self.rel else r_abs      # (as ``book`` computes it)
-        self.met |= (crit > self.tol).logical_not_()        # NaN counts too: it freezes the sample
+        self.unmet &= crit > self.tol          # NaN is not > tol: it counts too (it freezes)
         return True
 
     def running(self) -> bool:
@@ -112,13 +114,16 @@ class Tracker:
         k0, pending = self.booked, self.pending
         self.pending, self.booked = [], self.nfe
         with torch.no_grad():
-            r_abs, size = torch.stack(self.abs_res[k0:]), torch.stack(self.size[k0:])  # (c, batch)
+            r_abs, size = torch.stack(self.abs_res), torch.stack(self.size)      # (c, batch)
+            self.abs_res, self.size = [], []
+            self.booked_abs.append(r_abs)
+            self.booked_size.append(size)
             crit = r_abs / (size + EPS) if self.rel else r_abs
             plain = (crit > self.tol) & (crit < float("inf"))     # neither converged nor lost
             if self.mask is None and self.callback is None and bool(plain.all()):
                 low, at = crit.min(0)           # the common case: nothing froze, every step counts
             else:
-                low, at = self._freeze(k0, r_abs, size)
+                low, at = self._freeze(k0, r_abs, size, crit, plain)
             better = low < self.best_crit
             self.best_crit = torch.where(better, low, self.best_crit)
             self.best_k = torch.where(better, k0 + at, self.best_k)
@@ -131,40 +136,49 @@ class Tracker:
         for k in sorted(set(steps) - {-1}):
             self.best_z = torch.where((better & (at == k))[:, None], pending[k], self.best_z)
 
-    def _freeze(self, k0: int, r_abs: torch.Tensor, size: torch.Tensor):
+    def _freeze(self, k0: int, r_abs: torch.Tensor, size: torch.Tensor, crit: torch.Tensor,
+                plain: torch.Tensor):
         """Freeze the samples that converged or were lost in the chunk starting at evaluation k0;
-        return, per sample, the lowest residual among the chunk's steps that count and its step."""
-        r_rel = relative_residual(r_abs, size)
-        crit = r_rel if self.rel else r_abs
-        finite = torch.isfinite(crit)
-        event = (crit <= self.tol) | ~finite                          # converged or lost, per step
-        c = len(crit)
-        first = torch.where(event.any(0), event.byte().argmax(0), c)    # (batch,) its first event
-        counts = (torch.arange(c, device=crit.device)[:, None] <= first) & ~self.frozen
-        hit = (first < c) & ~self.frozen
-        lost = hit & ~finite.gather(0, first.clamp(max=c - 1)[None])[0]
-        self.done |= hit & ~lost
-        self.failed |= lost
+        return, per sample, the lowest residual among the chunk's steps that count and its step.
+        ``crit`` and ``plain`` (c, batch) are ``book``'s: a step is plain when its crit is finite
+        and above tol; any other step is an event, which freezes the sample at its first one."""
+        event = plain.logical_not()                               # converged or lost, per step
+        converged = event & (crit <= self.tol)
+        if self.rel:                        # ‖f(z)‖ overflowed: crit is 0 or NaN, the truth NaN
+            converged &= torch.isinf(size).logical_not_()
+        # a step counts while no event came before it: events before k = cumsum up to k − event k
+        counts = event.cumsum(0).eq(event)
+        hit = event.any(0)
+        if self.mask is not None:                           # samples frozen earlier: no news
+            live = self.frozen.logical_not()
+            counts, hit = counts & live, hit & live
+        done = (converged & counts).any(0)                  # its first event was convergence
+        self.done |= done
+        self.failed |= hit & ~done
         self.frozen = self.done | self.failed
-        self.frozen_at = torch.where(hit, k0 + first, self.frozen_at)
-        self.met |= self.frozen
+        self.frozen_at = torch.where(hit, counts.sum(0) + (k0 - 1), self.frozen_at)  # its first
+        self.unmet.masked_fill_(self.frozen, False)
         any_frozen = bool(self.frozen.any())
         self.mask = self.frozen[:, None] if any_frozen else None
         self.all_frozen = any_frozen and bool(self.frozen.all())
         if self.callback is not None:
-            for k in range(c):
+            r_rel = relative_residual(r_abs, size)
+            for k in range(len(crit)):
                 self.callback(k0 + k + 1, r_abs[k], r_rel[k])
-        return crit.masked_fill(~counts | ~finite, float("inf")).min(0)    # first lowest
+        valid = counts & (plain | converged)     # counted, and finite (the first event may not be)
+        return torch.where(valid, crit, float("inf")).min(0)          # first lowest
 
     def finish(self, dtype: torch.dtype) -> tuple[torch.Tensor, SolverStats]:
         """The best iterate per sample (NaN where a sample had no finite one) and the record."""
         self.book()
         with torch.no_grad():
-            r_abs, size = torch.stack(self.abs_res), torch.stack(self.size)
+            r_abs, size = (chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+                           for chunks in (self.booked_abs, self.booked_size))
             r_rel = relative_residual(r_abs, size)
-            steps = torch.arange(self.nfe, device=r_abs.device)[:, None]
-            rows = torch.minimum(steps, self.frozen_at[None])         # a frozen sample's trace
-            r_abs, r_rel = r_abs.gather(0, rows), r_rel.gather(0, rows)  # repeats its last value
+            if self.mask is not None:                  # a frozen sample's trace repeats its
+                steps = torch.arange(self.nfe, device=r_abs.device)[:, None]      # last value
+                rows = torch.minimum(steps, self.frozen_at[None])
+                r_abs, r_rel = r_abs.gather(0, rows), r_rel.gather(0, rows)
             never = self.best_k < 0                   # lost before any finite iterate: NaN, not z0
             best = self.best_k.clamp(min=0)[None]
             best_abs = r_abs.gather(0, best)[0].masked_fill(never, float("inf"))

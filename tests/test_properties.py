@@ -23,9 +23,11 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from deqlite import DEQ, SOLVERS, DEQConvergenceError, MLPCell, SolverSpec, solve  # noqa: E402
+from deqlite._validate import all_finite  # noqa: E402
 from deqlite.projections import Box  # noqa: E402
 from deqlite.solvers import flatten_state, unflatten_state  # noqa: E402
 from deqlite.stats import DEQConvergenceWarning, DEQNonFiniteWarning, residuals  # noqa: E402
+
 
 EXAMPLES = int(os.environ.get("DEQLITE_PROPERTY_EXAMPLES", 0))
 PROPERTY = settings(max_examples=EXAMPLES or 60, deadline=None, database=None,
@@ -369,3 +371,21 @@ def test_unrolled_backward_of_a_sample_warm_started_at_its_fixed_point():
     assert got[0].abs().max() > 0.1
     torch.testing.assert_close(got[0], jfb[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got[1], ift[1], atol=1e-6, rtol=1e-5)
+
+
+@PROPERTY
+@given(st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+       st.lists(st.integers(0, 5), min_size=1, max_size=3),
+       st.lists(st.tuples(st.integers(0, 10 ** 6),
+                          st.sampled_from([math.nan, math.inf, -math.inf, "max", "-max"])),
+                max_size=3))
+def test_all_finite_agrees_with_isfinite_on_every_dtype_and_placement(dtype, shape, faults):
+    """``all_finite`` (one ``aminmax``, the check every cell's forward makes on its input) says
+    what ``torch.isfinite(t).all()`` says: a NaN or ±inf anywhere, alone or beside other faults
+    and the dtype's largest finite values (which are not faults), in any shape, empty included."""
+    t = torch.randn(shape).to(dtype)
+    flat = t.view(-1)
+    for index, value in faults if t.numel() else ():
+        big = torch.finfo(dtype).max
+        flat[index % t.numel()] = {"max": big, "-max": -big}.get(value, value)
+    assert all_finite(t) is bool(torch.isfinite(t).all())
