@@ -164,9 +164,18 @@ def forward_rows(problem, tol, max_iter, repeats):
             rows.append(dict(library=library, solver=solver, nfe=counter.calls,
                              residual=worst_rel_residual(f, z)))
             runs[library, solver] = lambda run=run: run(f)
+        steps = next(r["nfe"] for r in rows if r["solver"] == "forward_iteration")
+
+        def bare_loop():                  # plain iteration's own iterates, f and nothing else
+            z = problem.z0
+            for _ in range(steps):
+                z = f(z)
+        runs["python", "bare loop"] = bare_loop
         times = interleaved_medians(runs, repeats)
+    per_f = times["python", "bare loop"] / steps
     for r in rows:
         r["t"] = times[r["library"], r["solver"]]
+        r["floor"] = r["nfe"] * per_f                        # NFE f calls and nothing else
     return rows
 
 
@@ -175,8 +184,8 @@ def print_forward(problem, rows, tol, max_iter, rho=None):
     print(f"\n### ({problem.name}) forward solve to rel. residual {tol:g}: {problem.description}, "
           f"max_iter {max_iter}{extra}\n")
     print("| library | solver | NFE | worst rel. residual | reached tol | median (ms) | time vs "
-          "TorchDEQ's same solver | NFE vs TorchDEQ's best |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "TorchDEQ's same solver | floor of that ratio at this NFE | NFE vs TorchDEQ's best |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     theirs = {r["solver"]: r for r in rows if r["library"] == "TorchDEQ"}
     pair = THEIRS
     their_best = min((r["nfe"] for r in theirs.values() if reached(r["residual"], tol)),
@@ -184,10 +193,15 @@ def print_forward(problem, rows, tol, max_iter, rho=None):
     for r in rows:
         ref = theirs.get(pair.get(r["solver"], r["solver"])) if r["library"] == "deqlite" else r
         vs = f"{r['t'] / ref['t']:.2f}" if ref else "-"
+        floor = f"{r['floor'] / ref['t']:.2f}" if ref else "-"
         best = f"{r['nfe'] / their_best:.2f}" if their_best else "-"
         there = "yes" if reached(r["residual"], tol) else "NO"
         print(f"| {r['library']} | {r['solver']} | {r['nfe']} | {r['residual']:.1e} | {there} | "
-              f"{r['t'] * 1e3:.1f} | {vs} | {best} |")
+              f"{r['t'] * 1e3:.1f} | {vs} | {floor} | {best} |")
+    print("\nThe floor is NFE × one f's time (a bare loop z = f(z) as long as plain iteration's "
+          "solve, divided by its length) over TorchDEQ's time: what a solver with no cost of its "
+          "own would reach at that NFE. (An f's time depends a little on its iterate, so the floor "
+          "is exact for forward iteration and close for the others.)")
     broyden = theirs.get("broyden")
     if broyden and max_iter > 1000:
         pairs_gb = 2 * problem.z0[0].numel() * len(problem.z0) * max_iter * 4 / 1e9
@@ -265,6 +279,29 @@ def overhead_section(steps, repeats, cell_batch, widths=(64, 256)):
         print(f"\nTorchDEQ's broyden evaluates f once before its loop ({steps} + 1) and keeps all "
               f"{steps} rank-one pairs (its memory is max_iter), so its cost per step grows with "
               f"the step; deqlite's broyden keeps 30 pairs and restarts.")
+    short_solves(problems[-2], repeats)
+
+
+SHORT = (1, 5, 20)      # evaluations per short solve
+
+
+def short_solves(problem, repeats, lengths=SHORT):
+    """A DEQ's training solves take 5–30 evaluations, so a solve's fixed cost (validating its
+    arguments, setting up and closing its bookkeeping) matters as much as its cost per step:
+    every solver at tol 0 for exactly k evaluations against a bare loop of k f calls."""
+    print(f"\n### Short solves ({problem.description}): µs per solve beyond its k f calls\n")
+    print("Each solver runs exactly k evaluations (tol 0, max_iter k), timed interleaved with a "
+          "bare loop of k f calls; the figure is (median − k × the bare loop's time per f), in "
+          "µs: the fixed cost of a solve plus k steps of its own work.\n")
+    tables = {k: overhead_rows(problem, k, repeats) for k in lengths}
+    print("| library | solver | " + " | ".join(f"k = {k}" for k in lengths) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in lengths) + " |")
+    for i, r in enumerate(tables[lengths[0]][1:], start=1):
+        cells = []
+        for k in lengths:
+            bare, row = tables[k][0], tables[k][i]
+            cells.append(f"{(row['t'] - bare['t'] / bare['nfe'] * row['nfe']) * 1e6:.0f}")
+        print(f"| {r['library']} | {r['solver']} | " + " | ".join(cells) + " |")
 
 
 # ----------------------------------------------------------------------------- gradients
