@@ -329,12 +329,12 @@ def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
 
         B ← B + (Δz − B Δg) (Δzᵀ B) / (Δzᵀ B Δg).
 
-    At most ``memory`` pairs (u_i, v_i) are kept: when they are all used, B restarts from −I
-    (restarted Broyden). So a step costs O(memory · D) however large ``max_iter`` is. (Dropping
-    only the oldest pair instead, as the DEQ research code does, leaves the remaining pairs
-    inconsistent with each other and can blow up; restarting cannot.) The default, 30, is
-    measured (``bench_solvers.py --sweeps``). ``memory=max_iter`` keeps every pair (TorchDEQ's
-    default), for solves as long as the state has dimensions: B can become the whole J⁻¹.
+    At most ``memory`` pairs (u_i, v_i) are kept: when all are used, B restarts from −I, so a
+    step costs O(memory · D) however large ``max_iter`` is. Dropping the oldest pair instead (the
+    DEQ research code) leaves the others inconsistent and can blow up; a window of the last steps
+    or a rank reduction did not beat restarting in time (``benchmarks/broyden_bounded_memory.py``).
+    The default, 30, is measured (``bench_solvers.py --sweeps``). ``memory=max_iter`` keeps every
+    pair (TorchDEQ's default), for solves as long as the state has dimensions: B becomes J⁻¹.
 
     Each application of B, or of Bᵀ (U and V swapped), is two batched products (``_low_rank``).
     ``check_every``: test for convergence every that many evaluations (see ``deqlite._tracker``).
