@@ -60,7 +60,7 @@ class Tracker:
         self.grad = torch.is_grad_enabled()
         self.nfe, self.booked = 0, 0
         self.pending: list = []                       # iterates since the last booking
-        self.diff = self.fz_dtype = None
+        self.g = None                          # f(z) − z of the last evaluation
         self.abs_res: list = []                # (batch,) ‖f(z) − z‖ per evaluation not booked
         self.size: list = []                   # (batch,) ‖f(z)‖ per evaluation not booked
         self.booked_abs: list = []             # (c, batch) the same, per booked chunk
@@ -87,13 +87,17 @@ class Tracker:
             self.book()                     # (outside no_grad: the best iterate keeps its graph)
         return fz
 
+    def evaluate_g(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f(z), g)`` with g = f(z) − z: the difference ``evaluate`` computed for its test,
+        reused (one operation per step fewer), or computed again under autograd, whose graph
+        that one does not have."""
+        fz = self.evaluate(z)
+        return fz, (fz - z if self.grad else self.g)
+
     def _residual(self, z: torch.Tensor, fz: torch.Tensor) -> bool:
         """Record ‖f(z) − z‖ and ‖f(z)‖; every ``check_every`` evaluations, ``unmet``."""
-        if self.diff is None or fz.dtype is not self.fz_dtype:   # (under autocast f's dtype may
-            self.fz_dtype = fz.dtype                              # be lower than the state's)
-            self.diff = fz.new_empty(fz.shape, dtype=torch.promote_types(fz.dtype, z.dtype))
-        r_abs = torch.linalg.vector_norm(torch.sub(fz, z, out=self.diff), dim=1,
-                                         dtype=self.norm_dtype)  # f(z) − z in one reused buffer
+        self.g = fz - z                                  # (kept: ``evaluate_g`` hands it on)
+        r_abs = torch.linalg.vector_norm(self.g, dim=1, dtype=self.norm_dtype)
         size = torch.linalg.vector_norm(fz, dim=1, dtype=self.norm_dtype)
         self.abs_res.append(r_abs)
         self.size.append(size)

@@ -225,10 +225,9 @@ def _write(buffer: torch.Tensor, index, value: torch.Tensor) -> torch.Tensor:
 class AndersonMixer:
     """Anderson's history: the images f_i and residuals g_i = f_i − x_i of the last m iterates in
     ring buffers (x_i = f_i − g_i is not stored), with the Gram matrix of the residuals.
-    ``step(x, fx, frozen)`` adds a pair and returns the next iterate (rows marked in the (batch,)
-    bool ``frozen`` stay as they are; None: no row is frozen, and no masking work is done).
-    ``anderson`` below is this plus the bookkeeping every solver shares; ``deqlite.jiio`` mixes
-    its joint state with it.
+    ``step(x, fx, frozen, g)`` adds a pair and returns the next iterate (rows marked in the (batch,)
+    bool ``frozen`` stay; None: none is, and no masking work is done; ``g``: fx − x or None).
+    ``anderson`` is this plus the bookkeeping every solver shares; ``deqlite.jiio`` uses it too.
 
     Args: batch, dim (the flat state's shape), m, beta, lam (see ``anderson``), like (a tensor
     whose dtype and device the buffers take)."""
@@ -242,11 +241,12 @@ class AndersonMixer:
         self.eye = torch.eye(m, dtype=torch.float64, device=like.device)
         self.ones = torch.ones(batch, m, 1, dtype=torch.float64, device=like.device)
 
-    def step(self, x: torch.Tensor, fx: torch.Tensor,
-             frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def step(self, x: torch.Tensor, fx: torch.Tensor, frozen: Optional[torch.Tensor] = None,
+             g: Optional[torch.Tensor] = None) -> torch.Tensor:
         mask = None if frozen is None else frozen[:, None]
         slot, n = self.k % self.m, min(self.k + 1, self.m)
-        g = fx - x if mask is None else torch.where(mask, 0.0, fx - x)
+        g = fx - x if g is None else g
+        g = g if mask is None else torch.where(mask, 0.0, g)
         every = slice(None)
         self.F, self.G = _write(self.F, (every, slot), fx), _write(self.G, (every, slot), g)
         # g_new·g_i for every slot in one batched product (a row vector times Gᵀ, the fast layout;
@@ -301,10 +301,10 @@ def anderson(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     """
     x, apply, tr = _start("anderson", f, z0, tol, max_iter, stop, callback, check_every)
     mixer = AndersonMixer(*x.shape, m=m, beta=beta, lam=lam, like=x)
-    fx = tr.evaluate(x)
+    fx, g = tr.evaluate_g(x)                       # g = f(x) − x, as the tracker computed it
     while tr.running():
-        x = mixer.step(x, fx, None if tr.mask is None else tr.frozen)
-        fx = tr.evaluate(x)
+        x = mixer.step(x, fx, None if tr.mask is None else tr.frozen, g)
+        fx, g = tr.evaluate_g(x)
     return _finish(tr, apply)
 
 
@@ -344,13 +344,13 @@ def broyden(f, z0, *, tol: float = 1e-4, max_iter: int = 50, stop: str = "rel",
     memory = min(memory, max_iter)
     U, V = (z.new_zeros(len(z), min(memory, 8), z.shape[1]) for _ in range(2))  # room grows
     n = 0                                                 # pairs in use: B = −I + U[:n]ᵀ V[:n]
-    g = tr.evaluate(z) - z
+    g = tr.evaluate_g(z)[1]                               # g(z) = f(z) − z
     Bg = -g
     acc = torch.promote_types(z.dtype, torch.float32)       # float16 dot products overflow
     dot = lambda a, b: torch.linalg.vecdot(a.to(acc), b.to(acc))[:, None]   # noqa: E731
     while tr.running():
         z_new = z - Bg if tr.mask is None else torch.where(tr.mask, z, z - Bg)  # frozen: stay
-        g_new = tr.evaluate(z_new) - z_new
+        g_new = tr.evaluate_g(z_new)[1]
         if n == memory:                                   # memory full: restart from B = −I
             n, Bg = 0, -g
         # Δz is the step as taken (z_new − z, not −B g: near z* the rounding of z + step is a
