@@ -42,7 +42,8 @@ MAX_CHUNK = 16                # (more made no difference; 64 iterates of 64 KB w
 class Tracker:
     """Per-sample bookkeeping of one solve; see the module docstring.
 
-    ``evaluate(z)`` applies f to the flat iterate z (batch, D) and returns f(z) flat;
+    ``evaluate(z)`` applies f to the flat iterate z (batch, D) and returns f(z) flat
+    (``evaluate_g(z)``: and g = f(z) − z);
     ``running()`` says whether to go on; ``mask`` is None or the (batch, 1) bool of frozen samples;
     ``finish(dtype)`` returns ``(best_z, SolverStats)``. ``apply`` maps a flat iterate to f's
     image, flat (the solvers' ``_Map``, which checks what f returns)."""
