@@ -67,12 +67,12 @@ def broyden_reduced(f, z0, *, tol=1e-4, max_iter=50, memory=30, keep=15):
     z, apply, tr = _start("broyden", f, z0, tol, max_iter, "rel", None, 1)
     memory = min(memory, max_iter)
     U, V = (z.new_zeros(len(z), memory, z.shape[1]) for _ in range(2))
-    n, g = 0, tr.evaluate(z) - z
+    n, g = 0, tr.evaluate_g(z)[1]
     Bg = -g
     dot = lambda a, b: torch.linalg.vecdot(a, b)[:, None]        # noqa: E731
     while tr.running():
         z_new = z - Bg if tr.mask is None else torch.where(tr.mask, z, z - Bg)
-        g_new = tr.evaluate(z_new) - z_new
+        g_new = tr.evaluate_g(z_new)[1]
         if n == memory:
             if keep:
                 U, V = reduce_rank(U, V, n, keep)
@@ -100,17 +100,18 @@ def broyden_window(f, z0, *, tol=1e-4, max_iter=50, memory=30):
     z, apply, tr = _start("broyden", f, z0, tol, max_iter, "rel", None, 1)
     batch, dim = z.shape
     memory = min(memory, max_iter)
-    S, Y = (z.new_zeros(batch, memory, dim) for _ in range(2))       # rows: s_i = Δz, y_i = Δg
+    S, Y, P = (z.new_zeros(batch, memory, dim) for _ in range(3))   # rows: s_i, y_i, s_i + y_i
     SY, SS = (torch.zeros(batch, memory, memory, dtype=torch.float64) for _ in range(2))
     eye = torch.eye(memory, dtype=torch.float64)
     step_of = torch.full((memory,), -1)
-    g = tr.evaluate(z) - z
+    g = tr.evaluate_g(z)[1]
     d, k = g, 0                                                       # −B₀ g = g
     while tr.running():
         z_new = z + d if tr.mask is None else torch.where(tr.mask, z, z + d)
-        g_new = tr.evaluate(z_new) - z_new
+        g_new = tr.evaluate_g(z_new)[1]
         slot = k % memory                                             # the oldest slot
-        S, Y = _write(S, (slice(None), slot), z_new - z), _write(Y, (slice(None), slot), g_new - g)
+        s, y = z_new - z, g_new - g
+        S, Y, P = (_write(W, (slice(None), slot), v) for W, v in ((S, s), (Y, y), (P, s + y)))
         step_of[slot], k = k, k + 1
         SY[:, slot] = torch.bmm(S[:, slot, None], Y.mT)[:, 0].double()    # s_new · y_j
         SY[:, :, slot] = torch.bmm(Y[:, slot, None], S.mT)[:, 0].double()  # s_i · y_new
@@ -124,7 +125,7 @@ def broyden_window(f, z0, *, tol=1e-4, max_iter=50, memory=30):
         coeff, info = torch.linalg.solve_ex(M, Sg, check_errors=False)
         lost = (info != 0) | ~torch.isfinite(coeff).all(1)[:, 0]          # singular M: step −B₀ g
         coeff = coeff.masked_fill(lost[:, None, None], 0.0).to(z.dtype).mT
-        d = g_new - torch.bmm(coeff, S + Y)[:, 0]                         # −B g
+        d = g_new - torch.bmm(coeff, P)[:, 0]                             # −B g
         z, g = z_new, g_new
     return _finish(tr, apply)
 
