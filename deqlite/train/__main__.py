@@ -168,7 +168,7 @@ def main(argv=None) -> Trainer | None:
     args = _arguments(argv)
     config = _config(args)
     main_process = Place.from_env().is_main
-    finished = False
+    finished, trainer = False, None
     try:
         trainer = _trainer(args, config, main_process)
         if trainer is None:
@@ -185,6 +185,8 @@ def main(argv=None) -> Trainer | None:
         trainer.fit()
         finished = True
     finally:
+        if trainer is not None:      # DDP holds the process group: let leaving the group free it,
+            trainer.ddp = None       # and stop Gloo's threads, before this process exits
         shutdown_distributed(wait=finished)
     final = [r for r in trainer.history if r["split"] == "test"][-1]
     if main_process:

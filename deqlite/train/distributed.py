@@ -52,6 +52,12 @@ def init_distributed(place: Place, device: torch.device) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, fixed when
+    # the module is first imported. DDP imports it (through torch._dynamo) when it is built; if the
+    # group existed by then, those defaults would hold it for good, destroy_process_group could not
+    # free it, and Gloo's threads would still run while the interpreter exits (now and then a
+    # process ends in SIGABRT after a finished run). Imported first, the defaults hold None.
+    import torch.distributed.nn  # noqa: F401
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 

@@ -103,6 +103,35 @@ def test_every_gradient_is_averaged_with_streamed_images_bf16_and_jacobian_regul
     assert load_checkpoint(tmp_path / "run.pt")["step"] == 3
 
 
+def _gloo_threads() -> int:
+    """How many of Gloo's threads run in this process (Linux names them gloo_tcp_loop, pt_gloo_runloop)."""
+    return sum("gloo" in (task / "comm").read_text() for task in Path("/proc/self/task").iterdir())
+
+
+def _command_line_in_process(rank, world_size, port, argv, out):
+    with torchrun_process(rank, world_size, port):
+        trainer = cli.main(argv)                  # returns with the run's Trainer still alive
+        (Path(out) / f"threads{rank}").write_text(f"{_gloo_threads()}")
+    del trainer
+
+
+@needs_gloo
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_the_command_line_stops_gloos_threads_before_it_returns(tmp_path):
+    """After a run of two processes, each leaves the process group with no Gloo thread left
+    running: a thread still running while the interpreter exits can end a finished run in SIGABRT.
+    Two things held the group: the DDP wrapper, and torch.distributed.nn's defaults
+    ``group=group.WORLD`` when that module was first imported after the group was formed."""
+    argv = ["--config", "mnist", "--set", "dataset=digits", "--set", "limit_train=64", "--set",
+            "limit_test=32", "--set", "epochs=1", "--set", "batch_size=32", "--set", "pretrain_steps=0",
+            "--set", "model_options.channels=4", "--set", "model_options.hidden=16",
+            "--set", "eval_jacobian_samples=0", "--log-path", str(tmp_path / "run.jsonl"),
+            "--checkpoint", str(tmp_path / "run.pt")]
+    mp.spawn(_command_line_in_process, args=(2, free_port(), argv, str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"threads{r}").read_text() for r in range(2)] == ["0", "0"]
+    assert load_checkpoint(tmp_path / "run.pt")["step"] == 2
+
+
 def tiny(tmp_path, **overrides):
     return dict(dict(dataset="digits", limit_train=64, limit_test=32, epochs=1, batch_size=32,
                      model_options=dict(channels=4, hidden=16, deq=dict(solver="anderson", tol=1e-3,
