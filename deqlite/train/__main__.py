@@ -185,9 +185,7 @@ def main(argv=None) -> Trainer | None:
         trainer.fit()
         finished = True
     finally:
-        if trainer is not None:      # DDP holds the process group: let leaving the group free it,
-            trainer.ddp = None       # and stop Gloo's threads, before this process exits
-        shutdown_distributed(wait=finished)
+        shutdown_distributed(wait=finished, holder=trainer)
     final = [r for r in trainer.history if r["split"] == "test"][-1]
     if main_process:
         print(f"{trainer.task.summary(final)}, forward NFE {final['fwd_nfe']}, "

@@ -61,13 +61,28 @@ def init_distributed(place: Place, device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def shutdown_distributed(wait: bool = True) -> None:
+_KEPT_AFTER_AN_ERROR: list = []
+
+
+def shutdown_distributed(wait: bool = True, holder=None) -> None:
     """Leave the process group, if one was joined. With ``wait`` (after a run that finished) every
     process first waits for the others at a barrier, so none tears its connections down while a
     peer may still be talking to it; pass ``wait=False`` when leaving on an error, as the peers may
-    never reach the barrier."""
+    never reach the barrier.
+
+    ``holder``: what holds the group through a ``ddp`` attribute (a DistributedDataParallel
+    wrapper), such as the Trainer. After a finished run the wrapper is dropped first, so leaving
+    frees the group and stops Gloo's threads before the process exits (threads still running at
+    exit can end a finished run in SIGABRT). After an error it is kept to the end of the process:
+    a collective may still wait for a peer that will never join it, freeing the group would wait
+    with it (Gloo joins its threads), and the launcher stops the peers only once this one exits."""
     if not (dist.is_available() and dist.is_initialized()):
         return
+    if getattr(holder, "ddp", None) is not None:
+        if wait:
+            holder.ddp = None
+        else:
+            _KEPT_AFTER_AN_ERROR.append(holder.ddp)
     try:
         if wait:
             dist.barrier()

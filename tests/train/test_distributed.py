@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,55 @@ def test_the_command_line_stops_gloos_threads_before_it_returns(tmp_path):
     mp.spawn(_command_line_in_process, args=(2, free_port(), argv, str(tmp_path)), nprocs=2)
     assert [(tmp_path / f"threads{r}").read_text() for r in range(2)] == ["0", "0"]
     assert load_checkpoint(tmp_path / "run.pt")["step"] == 2
+
+
+def _fails_with_a_collective_in_flight(rank, world_size, port, argv, out):
+    """Rank 1 starts an all-reduce that rank 0 never joins and fails; rank 0 is busy meanwhile."""
+    original, failed_at = Trainer.train_step, []
+
+    def train_step(self):
+        if self.step == 1 and rank == 1:
+            dist.all_reduce(torch.ones(1), async_op=True)
+            failed_at.append(time.monotonic())
+            raise RuntimeError("planted failure")
+        if self.step == 1:
+            time.sleep(6)                                # rank 0: long enough to tell a wait
+        return original(self)
+
+    Trainer.train_step = train_step
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        cli.main(argv)
+        outcome = "finished"
+    except Exception as e:                          # rank 0: its peer is gone
+        outcome = str(e) if rank == 1 else "failed"
+    left = f" after {time.monotonic() - failed_at[0]:.1f} s" if failed_at else ""
+    (Path(out) / f"rank{rank}").write_text(outcome + left)
+
+
+@needs_gloo
+def test_after_an_error_a_process_leaves_at_once_even_with_a_collective_in_flight(tmp_path):
+    """Leaving on an error must not wait for the peers: freeing the process group would wait
+    for the all-reduce that rank 1 left in flight until rank 0 joins it or exits (6 s here), and a
+    peer stuck on this process would then never let it go. Both processes end, both with an error."""
+    argv = ["--config", "mnist", "--set", "dataset=digits", "--set", "limit_train=96", "--set",
+            "limit_test=32", "--set", "epochs=1", "--set", "batch_size=32", "--set", "pretrain_steps=0",
+            "--set", "model_options.channels=4", "--set", "model_options.hidden=16",
+            "--set", "eval_jacobian_samples=0", "--log-path", str(tmp_path / "run.jsonl")]
+    run = mp.spawn(_fails_with_a_collective_in_flight, args=(2, free_port(), argv, str(tmp_path)),
+                   nprocs=2, join=False)
+    deadline = time.monotonic() + 40
+    while not run.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in run.processes:
+                process.kill()
+            pytest.fail("the two processes were still running 40 s after the failure: deadlocked")
+    rank1 = (tmp_path / "rank1").read_text()
+    assert rank1.startswith("planted failure after ")
+    assert float(rank1.split()[-2]) < 3, rank1
+    assert (tmp_path / "rank0").read_text() == "failed"
 
 
 def tiny(tmp_path, **overrides):
