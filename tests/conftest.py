@@ -52,7 +52,8 @@ def torchrun_process(rank: int, world_size: int, port: int):
     """Inside: the environment torchrun gives process `rank` of a run on this machine (for tests
     that start their processes with torch.multiprocessing.spawn), one thread each. On the way out
     the process group, if the body joined one, is left as `deqlite.train`'s command line leaves it
-    (after a barrier when the body finished, at once on an error)."""
+    (after a barrier when the body finished, at once on an error), except that the body's Trainer
+    still holds it through its DDP wrapper: it is freed when the body returns and drops the Trainer."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
