@@ -109,11 +109,19 @@ def _gloo_threads() -> int:
     return sum("gloo" in (task / "comm").read_text() for task in Path("/proc/self/task").iterdir())
 
 
+def _small_command_line(tmp_path, *sets) -> list[str]:
+    """`python -m deqlite.train`'s arguments for a run of a few steps on digits, logged in tmp_path."""
+    sets = ["dataset=digits", "limit_test=32", "epochs=1", "batch_size=32", "pretrain_steps=0",
+            "model_options.channels=4", "model_options.hidden=16", "eval_jacobian_samples=0", *sets]
+    return ["--config", "mnist", *[a for s in sets for a in ("--set", s)],
+            "--log-path", str(tmp_path / "run.jsonl")]
+
+
 def _command_line_in_process(rank, world_size, port, argv, out):
     with torchrun_process(rank, world_size, port):
         trainer = cli.main(argv)                  # returns with the run's Trainer still alive
         (Path(out) / f"threads{rank}").write_text(f"{_gloo_threads()}")
-    del trainer
+        assert trainer is not None
 
 
 @needs_gloo
@@ -123,11 +131,7 @@ def test_the_command_line_stops_gloos_threads_before_it_returns(tmp_path):
     running: a thread still running while the interpreter exits can end a finished run in SIGABRT.
     Two things held the group: the DDP wrapper, and torch.distributed.nn's defaults
     ``group=group.WORLD`` when that module was first imported after the group was formed."""
-    argv = ["--config", "mnist", "--set", "dataset=digits", "--set", "limit_train=64", "--set",
-            "limit_test=32", "--set", "epochs=1", "--set", "batch_size=32", "--set", "pretrain_steps=0",
-            "--set", "model_options.channels=4", "--set", "model_options.hidden=16",
-            "--set", "eval_jacobian_samples=0", "--log-path", str(tmp_path / "run.jsonl"),
-            "--checkpoint", str(tmp_path / "run.pt")]
+    argv = _small_command_line(tmp_path, "limit_train=64") + ["--checkpoint", str(tmp_path / "run.pt")]
     mp.spawn(_command_line_in_process, args=(2, free_port(), argv, str(tmp_path)), nprocs=2)
     assert [(tmp_path / f"threads{r}").read_text() for r in range(2)] == ["0", "0"]
     assert load_checkpoint(tmp_path / "run.pt")["step"] == 2
@@ -147,11 +151,9 @@ def _fails_with_a_collective_in_flight(rank, world_size, port, argv, out):
         return original(self)
 
     Trainer.train_step = train_step
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     try:
-        cli.main(argv)
+        with torchrun_process(rank, world_size, port):     # (main has left the group by then)
+            cli.main(argv)
         outcome = "finished"
     except Exception as e:                          # rank 0: its peer is gone
         outcome = str(e) if rank == 1 else "failed"
@@ -165,10 +167,7 @@ def test_after_an_error_a_process_leaves_at_once_even_with_a_collective_in_fligh
     """Leaving on an error must not wait for the peers: freeing the process group would wait
     for the all-reduce that rank 1 left in flight until rank 0 joins it or exits (6 s here), and a
     peer stuck on this process would then never let it go. Both processes end, both with an error."""
-    argv = ["--config", "mnist", "--set", "dataset=digits", "--set", "limit_train=96", "--set",
-            "limit_test=32", "--set", "epochs=1", "--set", "batch_size=32", "--set", "pretrain_steps=0",
-            "--set", "model_options.channels=4", "--set", "model_options.hidden=16",
-            "--set", "eval_jacobian_samples=0", "--log-path", str(tmp_path / "run.jsonl")]
+    argv = _small_command_line(tmp_path, "limit_train=96")
     run = mp.spawn(_fails_with_a_collective_in_flight, args=(2, free_port(), argv, str(tmp_path)),
                    nprocs=2, join=False)
     deadline = time.monotonic() + 40
